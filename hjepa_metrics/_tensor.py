@@ -1,0 +1,96 @@
+"""Input conversion and the single device-to-host transfer every metric function ends with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+Scalar = float | int | torch.Tensor | np.ndarray | np.generic
+
+
+def as_tensor(x: object, name: str) -> torch.Tensor:
+    """Return ``x`` as a detached tensor without copying torch inputs (numpy arrays are wrapped)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: got a numpy array of dtype object; expected a numeric array")
+        # torch refuses read-only numpy memory; a copy is cheaper than the warning dance.
+        return torch.from_numpy(x if x.flags.writeable else x.copy())
+    if isinstance(x, (bool, int, float, np.generic)):
+        return torch.tensor(float(x), dtype=torch.float64)
+    raise TypeError(f"{name}: got {type(x).__name__}; expected a torch.Tensor or numpy array")
+
+
+def as_features(x: object, name: str, *, min_dims: int = 2) -> torch.Tensor:
+    """A floating tensor with at least ``min_dims`` dims; integer/bool input is promoted to float32."""
+    t = as_tensor(x, name)
+    if t.dim() < min_dims:
+        raise ValueError(f"{name}: got shape {tuple(t.shape)}; expected at least {min_dims} dims")
+    if not t.is_floating_point():
+        if t.is_complex():
+            raise TypeError(f"{name}: got complex dtype {t.dtype}; expected a real dtype")
+        t = t.to(torch.float32)
+    return t
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def accumulate_dtype(device: torch.device) -> torch.dtype:
+    """float64 for reductions and packing, except on devices without it (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def scalar_tensor(x: Scalar, name: str) -> torch.Tensor | float:
+    """A 0-d tensor (kept on its device) or a Python float; rejects tensors with more than one element."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        t = as_tensor(x, name)
+        if t.numel() != 1:
+            raise ValueError(f"{name}: got shape {tuple(t.shape)}; expected a scalar (one element)")
+        return t.reshape(())
+    if isinstance(x, (bool, int, float, np.generic)):
+        return float(x)
+    raise TypeError(f"{name}: got {type(x).__name__}; expected a float, int, or one-element tensor")
+
+
+def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Resolve every tensor value with one device-to-host transfer; floats pass through.
+
+    Tensors are stacked on the device of the first one (float64 where the device has it) and
+    read back with a single ``tolist()``, so a call costs one synchronization, not one per tag.
+    """
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        first = values[keys[0]]
+        assert isinstance(first, torch.Tensor)
+        device = first.device
+        dtype = accumulate_dtype(device)
+        packed = torch.stack([_as_scalar(values[k], device, dtype) for k in keys])
+        out.update(zip(keys, host_list(packed), strict=True))
+    return {k: out[k] for k in values}
+
+
+def _as_scalar(v: torch.Tensor | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    assert isinstance(v, torch.Tensor)
+    return v.reshape(()).to(device=device, dtype=dtype)
+
+
+def host_list(t: torch.Tensor) -> list[float]:
+    """The one place metric code reads device memory (tests count calls to it)."""
+    return [float(v) for v in t.reshape(-1).tolist()]
+
+
+def level_list(x: object, name: str) -> list[object]:
+    """Per-level inputs: a list/tuple of arrays, or one array meaning a single level."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return [x]
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return list(x)
+    raise TypeError(f"{name}: got {type(x).__name__}; expected a list of per-level tensors or one tensor")

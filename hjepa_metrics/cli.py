@@ -1,0 +1,101 @@
+"""The ``hjepa-metrics`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import registry
+
+
+def _cmd_tags(args: argparse.Namespace) -> int:
+    tags = registry.tags(args.num_hierarchies)
+    if args.format == "json":
+        rows = []
+        for tag in tags:
+            match = registry.lookup(tag)
+            assert match is not None
+            spec = match.spec
+            rows.append(
+                {
+                    "tag": args.prefix + tag,
+                    "group": spec.group,
+                    "unit": spec.unit,
+                    "meaning": spec.meaning.format(level=match.level, **_names(spec, match.name)),
+                    "category": spec.category if spec.in_layout(match.level) else None,
+                    "alert": spec.alert.describe() if spec.alert else None,
+                }
+            )
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(args.prefix + t) for t in tags)
+        for tag in tags:
+            match = registry.lookup(tag)
+            assert match is not None
+            print(f"{args.prefix + tag:<{width}}  {match.spec.unit}")
+    return 0
+
+
+def _names(spec: registry.TagSpec, name: str | None) -> dict[str, str]:
+    return {spec.placeholder: name or ""} if spec.placeholder else {}
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from . import layout
+
+    if args.format == "guide-json":
+        text = json.dumps(layout.guide_layout(args.num_hierarchies, prefix=args.prefix), indent=2)
+        if args.logdir:
+            from pathlib import Path
+
+            path = Path(args.logdir) / "tensorboard_layout.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n", encoding="utf-8")
+            print(f"wrote {path}")
+        else:
+            print(text)
+        return 0
+    from google.protobuf import text_format
+
+    proto = layout.tensorboard_layout(args.num_hierarchies, prefixes=(args.prefix,))
+    print(text_format.MessageToString(proto), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hjepa-metrics", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_tags = sub.add_parser("tags", help="list every tag of the registry")
+    p_tags.add_argument("--num-hierarchies", type=int, default=3)
+    p_tags.add_argument("--prefix", default="", help="prefix such as train/")
+    p_tags.add_argument("--format", choices=("text", "json"), default="text")
+    p_tags.set_defaults(func=_cmd_tags)
+
+    p_layout = sub.add_parser("layout", help="print or write the custom-scalars layout")
+    p_layout.add_argument("--format", choices=("guide-json", "tensorboard"), default="guide-json")
+    p_layout.add_argument("--num-hierarchies", type=int, default=3)
+    p_layout.add_argument("--prefix", default="train/")
+    p_layout.add_argument(
+        "--logdir", default=None, help="write into this TensorBoard log dir instead of printing"
+    )
+    p_layout.set_defaults(func=_cmd_layout)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "num_hierarchies", 1) < 1:
+        parser.error(f"--num-hierarchies: got {args.num_hierarchies}; expected >= 1")
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `hjepa-metrics tags | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

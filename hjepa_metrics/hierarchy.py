@@ -1,0 +1,49 @@
+"""Feature statistics per hierarchy level: ``hierarchy/level{l}_*``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, level_list, to_host
+
+
+def hierarchy_feature_stats(
+    predictions: ArrayLike | Sequence[ArrayLike],
+    targets: ArrayLike | Sequence[ArrayLike] | None = None,
+) -> dict[str, float]:
+    """Mean, std (unbiased, all elements), range, mean token L2 norm and token count of ``predictions[l]``.
+
+    ``predictions[l]`` is ``[B, N_l, D]``; ``num_patches`` is ``N_l`` (the second-to-last dim).
+    ``targets`` (the guide passes them) is only checked for a matching level count and shapes.
+    """
+    preds = level_list(predictions, "predictions")
+    if targets is not None:
+        targs = level_list(targets, "targets")
+        if len(targs) != len(preds):
+            raise ValueError(
+                f"predictions has {len(preds)} levels but targets has {len(targs)}; expected equal counts"
+            )
+        for level, (p, t) in enumerate(zip(preds, targs, strict=True)):
+            p_shape = tuple(as_features(p, f"predictions[{level}]").shape)
+            t_shape = tuple(as_features(t, f"targets[{level}]").shape)
+            if p_shape != t_shape:
+                raise ValueError(
+                    f"predictions[{level}] has shape {p_shape} but targets[{level}] has {t_shape}; "
+                    "expected equal shapes"
+                )
+    raw: dict[str, torch.Tensor | float] = {}
+    for level, p_in in enumerate(preds):
+        p = as_features(p_in, f"predictions[{level}]")
+        tag = f"hierarchy/level{level}_"
+        raw[tag + "num_patches"] = float(p.shape[-2])
+        if p.numel() == 0:
+            continue
+        x = p.to(compute_dtype(p))
+        acc = accumulate_dtype(x.device)
+        raw[tag + "feat_mean"] = x.to(acc).mean()
+        raw[tag + "feat_std"] = x.to(acc).std() if x.numel() > 1 else float("nan")
+        raw[tag + "feat_range"] = x.max() - x.min()
+        raw[tag + "feat_norm"] = torch.linalg.vector_norm(x, dim=-1).to(acc).mean()
+    return to_host(raw)

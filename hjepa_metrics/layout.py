@@ -1,0 +1,114 @@
+"""Custom-scalars layouts generated from the registry.
+
+:func:`guide_layout` is the guide's JSON format (equal to the guide's file for 3 levels).
+:func:`tensorboard_layout` is TensorBoard's own ``Layout`` proto, the only form TensorBoard reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from .registry import TagSpec, specs_by_category
+
+LayoutNode = dict[str, Any]
+
+
+def level_scale(level: int, num_hierarchies: int) -> str:
+    """``Finest`` for level 0, ``Coarse`` for the last level, ``Medium`` between."""
+    if level == 0:
+        return "Finest"
+    return "Coarse" if level == num_hierarchies - 1 else "Medium"
+
+
+def layout_tree(num_hierarchies: int = 3) -> list[tuple[str, list[tuple[str | None, list[str]]]]]:
+    """``[(category, [(chart title or None for a direct tag, [tags]), ...]), ...]`` without prefixes.
+
+    Per-level charts (title over ``{level}``) become one chart per level. Consecutive per-level specs
+    that share a chart (or sit directly under a category) expand level-major, as the guide lists them.
+    """
+    if num_hierarchies < 1:
+        raise ValueError(f"num_hierarchies: got {num_hierarchies}; expected >= 1")
+    tree = []
+    for category, specs in specs_by_category().items():
+        charts: dict[str | None, list[str]] = {}
+        order: list[str | None] = []
+        for title, run in _runs(specs):
+            for chart_title, tags in _expand_run(title, run, num_hierarchies):
+                if chart_title not in charts:
+                    charts[chart_title] = []
+                    order.append(chart_title)
+                charts[chart_title].extend(tags)
+        entries: list[tuple[str | None, list[str]]] = []
+        for title in order:
+            if title is None:
+                entries.extend((None, [t]) for t in charts[title])
+            else:
+                entries.append((title, charts[title]))
+        tree.append((category, entries))
+    return tree
+
+
+def _runs(specs: list[TagSpec]) -> list[tuple[str | None, list[TagSpec]]]:
+    """Group consecutive specs sharing a chart title and per-level-ness."""
+    runs: list[tuple[str | None, list[TagSpec]]] = []
+    for spec in specs:
+        if runs and runs[-1][0] == spec.chart and runs[-1][1][-1].per_level == spec.per_level:
+            runs[-1][1].append(spec)
+        else:
+            runs.append((spec.chart, [spec]))
+    return runs
+
+
+def _expand_run(title: str | None, run: list[TagSpec], n: int) -> list[tuple[str | None, list[str]]]:
+    if not run[0].per_level:
+        return [(title, [t for spec in run for t in spec.expand(n)])]
+    out: list[tuple[str | None, list[str]]] = []
+    for level in range(n):
+        level_tags = [spec.template.format(level=level) for spec in run if spec.in_layout(level)]
+        chart = title.format(level=level, scale=level_scale(level, n)) if title else None
+        out.append((chart, level_tags))
+    if title is None or "{level}" not in title:
+        return [(out[0][0], [t for _, tags in out for t in tags])]
+    return out
+
+
+def guide_layout(num_hierarchies: int = 3, prefix: str = "train/") -> dict[str, Any]:
+    """The guide's ``tensorboard_layout.json`` structure for ``num_hierarchies`` levels."""
+    categories = []
+    for category, entries in layout_tree(num_hierarchies):
+        children: list[Any] = []
+        for title, tags in entries:
+            if title is None:
+                children.extend(prefix + t for t in tags)
+            else:
+                children.append({"title": title, "closed": False, "children": [prefix + t for t in tags]})
+        categories.append({"title": category, "closed": False, "children": children})
+    return {"category": categories}
+
+
+def exact_regex(tag: str) -> str:
+    """A ``re.match`` pattern for exactly ``tag`` (TensorBoard anchors only at the start)."""
+    return re.escape(tag) + "$"
+
+
+def tensorboard_layout(num_hierarchies: int = 3, prefixes: Sequence[str] = ("train/",)) -> Any:
+    """TensorBoard's ``custom_scalar.layout_pb2.Layout`` with exact-match regexes per tag and prefix.
+
+    A tag the guide lists directly under a category becomes a chart of its own, titled by the tag.
+    Needs the ``tensorboard`` extra.
+    """
+    try:
+        from tensorboard.plugins.custom_scalar import layout_pb2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'the TensorBoard layout needs the tensorboard extra: pip install "hjepa-metrics[tensorboard]"'
+        ) from exc
+    layout = layout_pb2.Layout()
+    for category, entries in layout_tree(num_hierarchies):
+        cat = layout.category.add(title=category, closed=False)
+        for title, tags in entries:
+            chart = cat.chart.add(title=title if title is not None else tags[0])
+            chart.multiline.tag.extend(exact_regex(p + t) for t in tags for p in prefixes)
+    return layout

@@ -1,0 +1,33 @@
+"""Learning rates: ``learning_rate/*``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._tensor import scalar_tensor, to_host
+
+
+def learning_rate(optimizer: Any) -> dict[str, float]:
+    """``base_lr`` (param group 0) and ``param_group_{i}`` for every group.
+
+    ``optimizer`` is anything with ``param_groups`` (a torch optimizer, a wrapped one) or the
+    list of param-group dicts itself. Tensor learning rates are read with one host transfer.
+    """
+    groups = getattr(optimizer, "param_groups", optimizer)
+    if not isinstance(groups, Sequence) or not groups or not all(isinstance(g, Mapping) for g in groups):
+        raise TypeError(
+            f"optimizer: got {type(optimizer).__name__}; expected an optimizer with param_groups "
+            "or a non-empty list of param-group dicts"
+        )
+    raw: dict[str, torch.Tensor | float] = {}
+    for i, group in enumerate(groups):
+        if "lr" not in group:
+            raise KeyError(f"optimizer.param_groups[{i}]: no 'lr' key (keys: {sorted(group)})")
+        raw[f"learning_rate/param_group_{i}"] = scalar_tensor(
+            group["lr"], f"optimizer.param_groups[{i}]['lr']"
+        )
+    out = to_host(raw)
+    return {"learning_rate/base_lr": out["learning_rate/param_group_0"], **out}

@@ -1,0 +1,69 @@
+"""Hierarchical losses: ``loss/*``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ._tensor import Scalar, scalar_tensor, to_host
+
+_LEVEL_KEY = re.compile(r"^loss_h(\d+)$")
+
+
+def hierarchical_losses(
+    loss_dict: Mapping[str, Scalar],
+    *,
+    num_hierarchies: int | None = None,
+    hierarchy_weights: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Total, per-level, unweighted losses and each level's share (%) of the weighted level loss.
+
+    ``loss_dict`` holds ``"loss"`` and ``"loss_h{i}"`` (floats or 0-d tensors, any device),
+    optionally ``"loss_unweighted"``. ``num_hierarchies`` defaults to the number of ``loss_h{i}``
+    keys. ``loss/contribution_h{i} = 100 · w_i·loss_h{i} / Σ_j w_j·loss_h{j}`` so the shares sum
+    to 100; they are omitted when that denominator is not positive.
+    """
+    if not isinstance(loss_dict, Mapping):
+        raise TypeError(
+            f"loss_dict: got {type(loss_dict).__name__}; expected a mapping of loss names to values"
+        )
+    if num_hierarchies is None:
+        num_hierarchies = sum(1 for k in loss_dict if _LEVEL_KEY.match(str(k)))
+    if num_hierarchies < 1:
+        raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
+    weights = _weights(hierarchy_weights, num_hierarchies)
+    for key in ["loss", *(f"loss_h{i}" for i in range(num_hierarchies))]:
+        if key not in loss_dict:
+            raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
+
+    raw: dict[str, torch.Tensor | float] = {
+        "loss/total": scalar_tensor(loss_dict["loss"], "loss_dict['loss']")
+    }
+    for i in range(num_hierarchies):
+        raw[f"loss/h{i}"] = scalar_tensor(loss_dict[f"loss_h{i}"], f"loss_dict['loss_h{i}']")
+    if "loss_unweighted" in loss_dict:
+        raw["loss/unweighted"] = scalar_tensor(loss_dict["loss_unweighted"], "loss_dict['loss_unweighted']")
+    out = to_host(raw)
+
+    levels = [out[f"loss/h{i}"] for i in range(num_hierarchies)]
+    out.setdefault("loss/unweighted", sum(levels) / num_hierarchies)
+    weighted = [w * v for w, v in zip(weights, levels, strict=True)]
+    denominator = sum(weighted)
+    if denominator > 0:
+        for i, part in enumerate(weighted):
+            out[f"loss/contribution_h{i}"] = 100.0 * part / denominator
+    return out
+
+
+def _weights(hierarchy_weights: Sequence[float] | None, num_hierarchies: int) -> list[float]:
+    if hierarchy_weights is None:
+        return [1.0] * num_hierarchies
+    weights = [float(w) for w in hierarchy_weights]
+    if len(weights) != num_hierarchies:
+        raise ValueError(
+            f"hierarchy_weights: got {len(weights)} weights {weights}; "
+            f"expected {num_hierarchies} (one per level)"
+        )
+    return weights

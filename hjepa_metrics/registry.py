@@ -1,0 +1,551 @@
+"""Every tag of the H-JEPA guide, defined once.
+
+A :class:`TagSpec` is a name template over ``{level}`` (hierarchy level) and at most one other
+placeholder (``{module}``, ``{group}``, ``{param}``) whose default expansion the guide names. Layouts,
+docs, alerts and backend key checks are all generated from :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+# The guide's custom-scalars categories, in the guide's order.
+CATEGORIES = (
+    "Loss Metrics",
+    "EMA Dynamics",
+    "Collapse Monitoring",
+    "Prediction Quality",
+    "Gradient Flow",
+    "Learning Dynamics",
+    "Performance",
+    "Hierarchy Structure",
+    "Masking",
+)
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """A threshold from the guide's interpretation tables.
+
+    Fires when ``value < below`` or ``value > above``. ``reference_dim`` scales ``below`` by
+    ``dim / reference_dim`` (the guide's effective-rank threshold is for 768-dim features).
+    ``level_ranges`` gives a target ``(low, high)`` range per level, valid only when the number of
+    levels equals ``len(level_ranges)`` (the guide's contribution targets are for 3 levels).
+    """
+
+    message: str
+    below: float | None = None
+    above: float | None = None
+    reference_dim: int | None = None
+    level_ranges: tuple[tuple[float, float], ...] = ()
+
+    def bounds(
+        self, *, level: int | None = None, num_hierarchies: int | None = None, dim: int | None = None
+    ) -> tuple[float | None, float | None] | None:
+        """``(low, high)`` outside which the rule fires, or ``None`` where it does not apply."""
+        if self.level_ranges:
+            if level is None or num_hierarchies != len(self.level_ranges) or level >= len(self.level_ranges):
+                return None
+            return self.level_ranges[level]
+        below = self.below
+        if below is not None and self.reference_dim is not None:
+            if dim is None:
+                return None
+            below = below * dim / self.reference_dim
+        return below, self.above
+
+    def fires(
+        self,
+        value: float,
+        *,
+        level: int | None = None,
+        num_hierarchies: int | None = None,
+        dim: int | None = None,
+    ) -> bool:
+        """Whether ``value`` crosses the rule (NaN never fires; it is reported as non-finite instead)."""
+        b = self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim)
+        if b is None or value != value:
+            return False
+        low, high = b
+        return (low is not None and value < low) or (high is not None and value > high)
+
+    def describe(self) -> str:
+        if self.level_ranges:
+            ranges = ", ".join(f"h{i}: {lo:g}-{hi:g}" for i, (lo, hi) in enumerate(self.level_ranges))
+            return f"outside {ranges} (for {len(self.level_ranges)} levels): {self.message}"
+        parts = []
+        if self.below is not None:
+            scale = f" (for {self.reference_dim}-dim features; scales with D)" if self.reference_dim else ""
+            parts.append(f"< {self.below:g}{scale}")
+        if self.above is not None:
+            parts.append(f"> {self.above:g}")
+        return f"{' or '.join(parts)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """One tag template and everything the project knows about it."""
+
+    template: str
+    group: str
+    unit: str
+    meaning: str
+    category: str | None = None
+    chart: str | None = None
+    layout_levels: tuple[int, ...] | None = None
+    alert: AlertRule | None = None
+    defaults: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def per_level(self) -> bool:
+        return "{level}" in self.template
+
+    @property
+    def placeholder(self) -> str | None:
+        """The non-level placeholder name, if any (``module``, ``group``, ``param``)."""
+        names = [n for _, n, _, _ in string.Formatter().parse(self.template) if n and n != "level"]
+        return names[0] if names else None
+
+    def expand(self, num_hierarchies: int) -> list[str]:
+        """Concrete tags for ``num_hierarchies`` levels and the placeholder's default names."""
+        levels = range(num_hierarchies) if self.per_level else [None]
+        names = self.defaults if self.placeholder else (None,)
+        out = []
+        for level in levels:
+            for name in names:
+                kwargs: dict[str, object] = {}
+                if level is not None:
+                    kwargs["level"] = level
+                if name is not None and self.placeholder:
+                    kwargs[self.placeholder] = name
+                out.append(self.template.format(**kwargs))
+        return out
+
+    def in_layout(self, level: int | None) -> bool:
+        if self.category is None:
+            return False
+        return level is None or self.layout_levels is None or level in self.layout_levels
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return _template_pattern(self.template)
+
+
+@cache
+def _template_pattern(template: str) -> re.Pattern[str]:
+    regex = ""
+    for literal, name, _, _ in string.Formatter().parse(template):
+        regex += re.escape(literal)
+        if name == "level":
+            regex += r"(?P<level>\d+)"
+        elif name:
+            regex += rf"(?P<{name}>.+?)"
+    return re.compile(regex + "$")
+
+
+_COLLAPSE = "collapse! (increase LR, reduce EMA momentum, check augmentation and masking)"
+_LEVEL_SCALE = "Level {level} ({scale})"
+
+REGISTRY: tuple[TagSpec, ...] = (
+    # --- losses
+    TagSpec(
+        "loss/total",
+        "losses",
+        "loss",
+        "Weighted sum of all hierarchy losses; should decrease",
+        "Loss Metrics",
+        "Hierarchical Losses",
+    ),
+    TagSpec(
+        "loss/h{level}",
+        "losses",
+        "loss",
+        "Prediction loss of level {level} (unweighted); finest is h0, coarser levels decrease slightly",
+        "Loss Metrics",
+        "Hierarchical Losses",
+    ),
+    TagSpec(
+        "loss/unweighted",
+        "losses",
+        "loss",
+        "Unweighted loss (given, or the mean of the level losses)",
+        "Loss Metrics",
+        "Hierarchical Losses",
+    ),
+    TagSpec(
+        "loss/contribution_h{level}",
+        "losses",
+        "%",
+        "Share of level {level} in the weighted hierarchical loss (shares sum to 100)",
+        "Loss Metrics",
+        "Loss Contributions",
+        alert=AlertRule(
+            "imbalanced levels: adjust loss.hierarchy_weights",
+            level_ranges=((50.0, 70.0), (25.0, 40.0), (5.0, 15.0)),
+        ),
+    ),
+    # --- EMA
+    TagSpec(
+        "ema/momentum_current",
+        "ema",
+        "momentum",
+        "EMA momentum in use; scheduled 0.996 -> 1.0",
+        "EMA Dynamics",
+    ),
+    TagSpec("ema/momentum_target", "ema", "momentum", "Final EMA momentum of the schedule", "EMA Dynamics"),
+    TagSpec(
+        "ema/avg_parameter_divergence",
+        "ema",
+        "L2 distance",
+        "Mean L2 distance between target and context parameter tensors; should increase initially",
+        "EMA Dynamics",
+        aliases=("ema/parameter_divergence",),
+    ),
+    TagSpec(
+        "ema/weight_magnitude_ratio",
+        "ema",
+        "ratio",
+        "Global weight norm of target over context encoder",
+        "EMA Dynamics",
+        alert=AlertRule(
+            "target and context weights drifted apart (target ~0.95-1.05)", below=0.95, above=1.05
+        ),
+    ),
+    # --- collapse
+    TagSpec(
+        "collapse/level{level}_mean_std_per_dim",
+        "collapse",
+        "std",
+        "Mean per-dimension std of L2-normalized features (at most 1/sqrt(D))",
+        "Collapse Monitoring",
+        _LEVEL_SCALE,
+        alert=AlertRule(_COLLAPSE, below=0.01),
+        aliases=("collapse/mean_std_per_dim",),
+    ),
+    TagSpec(
+        "collapse/level{level}_min_std_per_dim",
+        "collapse",
+        "std",
+        "Minimum per-dimension std of L2-normalized features",
+        alert=AlertRule(_COLLAPSE, below=0.001),
+        aliases=("collapse/min_std_per_dim",),
+    ),
+    TagSpec(
+        "collapse/level{level}_effective_rank",
+        "collapse",
+        "rank",
+        "Roy-Vetterli effective rank of the centered normalized features (1..D)",
+        "Collapse Monitoring",
+        _LEVEL_SCALE,
+        alert=AlertRule("dimensional collapse", below=100.0, reference_dim=768),
+        aliases=("collapse/effective_rank",),
+    ),
+    TagSpec(
+        "collapse/level{level}_mean_similarity",
+        "collapse",
+        "cosine",
+        "Exact mean cosine similarity over all distinct pairs of features",
+        "Collapse Monitoring",
+        _LEVEL_SCALE,
+        alert=AlertRule("concerning: features align", above=0.7),
+        aliases=("collapse/mean_similarity",),
+    ),
+    TagSpec(
+        "collapse/level{level}_std_similarity",
+        "collapse",
+        "cosine",
+        "Exact std (unbiased) of the cosine similarity over all distinct pairs",
+        aliases=("collapse/std_similarity",),
+    ),
+    TagSpec(
+        "collapse/level{level}_max_similarity",
+        "collapse",
+        "cosine",
+        "Max cosine similarity over distinct pairs of a seeded sample of at most 1024 features",
+        aliases=("collapse/max_similarity",),
+    ),
+    # --- prediction
+    TagSpec(
+        "prediction/level{level}_cosine_sim_mean",
+        "prediction",
+        "cosine",
+        "Mean cosine similarity of predicted to target tokens; target > 0.7",
+        "Prediction Quality",
+        "Level {level} Similarity",
+        alert=AlertRule("predictions do not match targets", below=0.7),
+        aliases=("prediction/levelX_cosine_sim_mean",),
+    ),
+    TagSpec(
+        "prediction/level{level}_cosine_sim_std",
+        "prediction",
+        "cosine",
+        "Std of the token cosine similarity (diversity of prediction quality); target > 0.1",
+        "Prediction Quality",
+        "Level {level} Similarity",
+        aliases=("prediction/levelX_cosine_sim_std",),
+    ),
+    TagSpec(
+        "prediction/level{level}_cosine_sim_min",
+        "prediction",
+        "cosine",
+        "Worst token cosine similarity",
+        "Prediction Quality",
+        "Level {level} Similarity",
+        layout_levels=(0,),
+    ),
+    TagSpec(
+        "prediction/level{level}_cosine_sim_max",
+        "prediction",
+        "cosine",
+        "Best token cosine similarity",
+        "Prediction Quality",
+        "Level {level} Similarity",
+        layout_levels=(0,),
+    ),
+    TagSpec(
+        "prediction/level{level}_normalized_mse",
+        "prediction",
+        "squared distance",
+        "Mean squared distance of L2-normalized prediction and target per token (0..4); decreasing",
+        aliases=("prediction/levelX_normalized_mse",),
+    ),
+    TagSpec(
+        "prediction/level{level}_l2_distance",
+        "prediction",
+        "L2 distance",
+        "Mean L2 distance between raw predicted and target tokens",
+    ),
+    # --- gradient flow and clipping
+    TagSpec(
+        "gradient_flow/global_norm",
+        "gradient_flow",
+        "L2 norm",
+        "Global L2 norm of all gradients (as clip_grad_norm_ returns); should decrease over training",
+        "Gradient Flow",
+    ),
+    TagSpec(
+        "gradient_flow/{module}_mean",
+        "gradient_flow",
+        "|grad|",
+        "Mean absolute gradient over the parameters of top-level module {module}",
+        "Gradient Flow",
+        defaults=("context_encoder", "predictor"),
+    ),
+    TagSpec(
+        "gradient_flow/{module}_max",
+        "gradient_flow",
+        "|grad|",
+        "Max absolute gradient over the parameters of top-level module {module}",
+        defaults=("context_encoder", "predictor"),
+    ),
+    TagSpec(
+        "gradients/{param}_mean",
+        "gradient_flow",
+        "|grad|",
+        "Mean absolute gradient of tensor {param} (opt-in)",
+    ),
+    TagSpec(
+        "gradients/{param}_max", "gradient_flow", "|grad|", "Max absolute gradient of tensor {param} (opt-in)"
+    ),
+    TagSpec(
+        "gradient/global_norm_before_clip",
+        "gradient_clipping",
+        "L2 norm",
+        "Gradient norm before clipping; stable",
+        "Gradient Flow",
+    ),
+    TagSpec(
+        "gradient/global_norm_after_clip",
+        "gradient_clipping",
+        "L2 norm",
+        "Gradient norm after clipping (= clipping ratio * before)",
+        "Gradient Flow",
+    ),
+    TagSpec(
+        "gradient/was_clipped", "gradient_clipping", "0/1", "1 when this step's norm exceeded the threshold"
+    ),
+    TagSpec("gradient/clipping_ratio", "gradient_clipping", "ratio", "Norm after clipping over norm before"),
+    TagSpec(
+        "gradient/clipping_percentage",
+        "gradient_clipping",
+        "%",
+        "Share of logged steps where clipping applied; < 10% is good",
+        "Gradient Flow",
+        alert=AlertRule("clipping most steps: learning rate too high", above=50.0),
+    ),
+    # --- learning rate
+    TagSpec(
+        "learning_rate/base_lr",
+        "learning_rate",
+        "lr",
+        "Learning rate of param group 0 (is it decaying?)",
+        "Learning Dynamics",
+    ),
+    TagSpec(
+        "learning_rate/param_group_{group}",
+        "learning_rate",
+        "lr",
+        "Learning rate of param group {group}",
+        defaults=("0",),
+    ),
+    # --- stability
+    TagSpec(
+        "stability/loss_smoothness",
+        "stability",
+        "loss",
+        "Population std of the last 50 losses",
+        "Learning Dynamics",
+    ),
+    TagSpec(
+        "stability/loss_trend_slope",
+        "stability",
+        "loss/step",
+        "Least-squares slope of the last 20 losses (negative = improving)",
+        "Learning Dynamics",
+    ),
+    TagSpec(
+        "stability/loss_spike_ratio",
+        "stability",
+        "ratio",
+        "Max over min loss in the history",
+        "Learning Dynamics",
+    ),
+    TagSpec("stability/nonfinite_count", "stability", "count", "Non-finite losses skipped in the history"),
+    # --- performance
+    TagSpec("performance/forward_time_ms", "performance", "ms", "Forward pass time", "Performance"),
+    TagSpec("performance/backward_time_ms", "performance", "ms", "Backward pass time", "Performance"),
+    TagSpec("performance/total_time_ms", "performance", "ms", "Forward plus backward time"),
+    TagSpec(
+        "performance/samples_per_second", "performance", "samples/s", "Training throughput", "Performance"
+    ),
+    TagSpec("performance/forward_backward_ratio", "performance", "ratio", "Forward time over backward time"),
+    TagSpec(
+        "performance/gpu_memory_allocated_gb",
+        "performance",
+        "GB",
+        "CUDA memory allocated by tensors",
+        "Performance",
+    ),
+    TagSpec(
+        "performance/gpu_memory_reserved_gb", "performance", "GB", "CUDA memory reserved by the allocator"
+    ),
+    TagSpec("performance/peak_memory_gb", "performance", "GB", "Peak CUDA memory allocated"),
+    # --- hierarchy
+    TagSpec(
+        "hierarchy/level{level}_feat_mean",
+        "hierarchy",
+        "feature",
+        "Mean of the level {level} predictions",
+        "Hierarchy Structure",
+    ),
+    TagSpec(
+        "hierarchy/level{level}_feat_std",
+        "hierarchy",
+        "feature",
+        "Std of the level {level} predictions (is feature variance sufficient?)",
+        "Hierarchy Structure",
+        layout_levels=(0,),
+    ),
+    TagSpec(
+        "hierarchy/level{level}_feat_range",
+        "hierarchy",
+        "feature",
+        "Max minus min of the level {level} predictions",
+    ),
+    TagSpec(
+        "hierarchy/level{level}_feat_norm",
+        "hierarchy",
+        "L2 norm",
+        "Mean token L2 norm of the level {level} predictions",
+    ),
+    TagSpec(
+        "hierarchy/level{level}_num_patches",
+        "hierarchy",
+        "tokens",
+        "Predicted tokens at level {level} (coarser levels have fewer)",
+        "Hierarchy Structure",
+    ),
+    # --- masking
+    TagSpec("masking/mask_ratio", "masking", "ratio", "Fraction of patches masked (predicted)", "Masking"),
+    TagSpec("masking/num_masked_patches", "masking", "patches", "Mean masked patches per sample", "Masking"),
+    TagSpec(
+        "masking/num_unmasked_patches", "masking", "patches", "Mean visible patches per sample", "Masking"
+    ),
+)
+
+GROUPS = tuple(dict.fromkeys(spec.group for spec in REGISTRY))
+
+
+def tags(num_hierarchies: int = 3) -> list[str]:
+    """Every concrete tag (no ``train/`` prefix) for ``num_hierarchies`` levels, in registry order."""
+    if num_hierarchies < 1:
+        raise ValueError(f"num_hierarchies: got {num_hierarchies}; expected >= 1")
+    return [tag for spec in REGISTRY for tag in spec.expand(num_hierarchies)]
+
+
+@dataclass(frozen=True)
+class TagMatch:
+    spec: TagSpec
+    level: int | None
+    name: str | None
+
+
+def lookup(tag: str) -> TagMatch | None:
+    """The spec of a concrete tag (prefix such as ``train/`` allowed), or ``None`` if unknown.
+
+    >>> lookup("val/collapse/level2_effective_rank").level
+    2
+    """
+    return _lookup(strip_prefix(tag))
+
+
+@cache
+def _lookup(tag: str) -> TagMatch | None:
+    for spec in REGISTRY:
+        m = spec.pattern.match(tag)
+        if m:
+            groups = m.groupdict()
+            level = int(groups.pop("level")) if "level" in groups else None
+            name = next(iter(groups.values()), None)
+            return TagMatch(spec, level, name)
+    return None
+
+
+def strip_prefix(tag: str) -> str:
+    """``train/loss/total`` → ``loss/total``: drop leading components until a known group root remains."""
+    parts = tag.split("/")
+    for i in range(len(parts)):
+        if parts[i] in _ROOTS:
+            return "/".join(parts[i:])
+    return tag
+
+
+_ROOTS = frozenset(spec.template.split("/", 1)[0] for spec in REGISTRY)
+
+
+def canonical(name: str, level: int = 0) -> str:
+    """Map a name the guide uses without a level (``collapse/mean_std_per_dim``) to its concrete tag.
+
+    >>> canonical("collapse/effective_rank", level=1)
+    'collapse/level1_effective_rank'
+    """
+    for spec in REGISTRY:
+        if name in spec.aliases:
+            return spec.template.format(level=level) if spec.per_level else spec.template
+    if lookup(name) is None:
+        raise KeyError(f"unknown tag {name!r}; see `hjepa-metrics tags`")
+    return name
+
+
+def specs_by_category() -> Mapping[str, list[TagSpec]]:
+    """Layout categories in the guide's order, each with its specs in registry order."""
+    out: dict[str, list[TagSpec]] = {c: [] for c in CATEGORIES}
+    for spec in REGISTRY:
+        if spec.category is not None:
+            out[spec.category].append(spec)
+    return out

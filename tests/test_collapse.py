@@ -1,0 +1,131 @@
+"""Collapse metrics against analytic oracles and a float64 numpy brute force."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import as_float64, convert
+
+from hjepa_metrics import collapse_metrics
+
+TAG = "collapse/level0_"
+
+
+def brute_force(x: np.ndarray) -> dict[str, float]:
+    """Direct float64 definitions: full SVD and the N×N cosine matrix."""
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    m = u.shape[0]
+    std = u.std(axis=0, ddof=1)
+    sigma = np.linalg.svd(u - u.mean(axis=0), compute_uv=False)
+    sigma = np.where(sigma > 1e-6 * max(sigma.max(), 1e-300), sigma, 0.0)
+    p = sigma / sigma.sum() if sigma.sum() > 0 else sigma
+    entropy = -sum(pk * math.log(pk) for pk in p if pk > 0)
+    sim = u @ u.T
+    pairs = sim[np.triu_indices(m, k=1)]
+    return {
+        TAG + "mean_std_per_dim": std.mean(),
+        TAG + "min_std_per_dim": std.min(),
+        TAG + "effective_rank": math.exp(entropy) if sigma.sum() > 0 else 0.0,
+        TAG + "mean_similarity": pairs.mean(),
+        TAG + "std_similarity": pairs.std(ddof=1),
+        TAG + "max_similarity": pairs.max(),
+    }
+
+
+def test_matches_float64_brute_force(kind: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 48, generator=gen) + 0.5 * torch.randn(1, 48, generator=gen)
+    x = convert(base, kind)
+    got = collapse_metrics(x)
+    want = brute_force(as_float64(x))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_rank_k_with_equal_singular_values_is_k(kind: str) -> None:
+    d, k = 32, 7
+    eye = torch.eye(d)
+    rows = torch.cat([eye[:k], -eye[:k]])  # centered, unit rows, k equal singular values
+    assert collapse_metrics(convert(rows, kind))[TAG + "effective_rank"] == pytest.approx(k, rel=1e-12)
+
+
+def test_all_rows_equal_is_rank_zero_similarity_one(kind: str) -> None:
+    x = convert(torch.full((50, 16), 0.25), kind)
+    got = collapse_metrics(x)
+    assert got[TAG + "effective_rank"] == 0.0
+    assert got[TAG + "mean_similarity"] == pytest.approx(1.0, abs=1e-12)
+    assert got[TAG + "max_similarity"] == pytest.approx(1.0, abs=1e-12)
+    assert got[TAG + "mean_std_per_dim"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_eye_has_mean_std_exactly_one_over_sqrt_d(kind: str) -> None:
+    d = 64
+    got = collapse_metrics(convert(torch.eye(d), kind))
+    assert got[TAG + "mean_std_per_dim"] == pytest.approx(1 / math.sqrt(d), rel=1e-12)
+    assert got[TAG + "min_std_per_dim"] == pytest.approx(1 / math.sqrt(d), rel=1e-12)
+    assert got[TAG + "mean_similarity"] == pytest.approx(0.0, abs=1e-15)  # orthonormal rows
+
+
+def test_half_v_half_minus_v_mean_similarity(kind: str) -> None:
+    n = 40
+    v = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    x = convert(torch.cat([v.expand(n // 2, 4), -v.expand(n // 2, 4)]), kind)
+    assert collapse_metrics(x)[TAG + "mean_similarity"] == pytest.approx(-1 / (n - 1), rel=1e-6)
+
+
+def test_rank_one_stays_rank_one_in_float64_gram() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5000, 1, generator=gen) * torch.randn(1, 256, generator=gen)
+    # Centered normalized rows of a rank-1 matrix are ±u: one nonzero singular value.
+    assert collapse_metrics(a)[TAG + "effective_rank"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_level_prefix_and_leading_dims_are_flattened() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 10, 8, generator=gen)
+    got = collapse_metrics(x[:, 1:, :], level=2)  # non-contiguous, as the guide's CLS slice
+    want = collapse_metrics(x[:, 1:, :].reshape(-1, 8).contiguous(), level=2)
+    assert set(got) == {k.replace("level0", "level2") for k in brute_force(np.ones((3, 2)))}
+    assert got == want
+
+
+def test_single_row_is_nan_not_a_crash() -> None:
+    got = collapse_metrics(torch.randn(1, 8))
+    assert got[TAG + "effective_rank"] == 0.0
+    for key in ("mean_std_per_dim", "mean_similarity", "std_similarity", "max_similarity"):
+        assert math.isnan(got[TAG + key])
+
+
+def test_two_rows_give_finite_mean_similarity() -> None:
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    got = collapse_metrics(x)
+    assert got[TAG + "mean_similarity"] == pytest.approx(1 / math.sqrt(2))
+    assert got[TAG + "max_similarity"] == pytest.approx(1 / math.sqrt(2))
+
+
+def test_max_similarity_sample_is_private_and_seeded() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 16, generator=gen)
+    a = collapse_metrics(x, max_similarity_rows=256)
+    b = collapse_metrics(x, max_similarity_rows=256)
+    c = collapse_metrics(x, max_similarity_rows=256, seed=1)
+    assert a == b
+    assert a[TAG + "max_similarity"] != c[TAG + "max_similarity"]
+    u = as_float64(x)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    assert a[TAG + "max_similarity"] <= sim.max() + 1e-12
+
+
+def test_bad_shapes_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="features: got shape"):
+        collapse_metrics(torch.randn(8))
+    with pytest.raises(ValueError, match="features: got shape"):
+        collapse_metrics(torch.randn(0, 8))
+    with pytest.raises(TypeError, match="features"):
+        collapse_metrics([[1.0, 2.0]])  # type: ignore[arg-type]
