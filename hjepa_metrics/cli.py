@@ -57,9 +57,17 @@ def _cmd_layout(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
+    if args.logdir:
+        from writers.tensorboard import TensorBoardWriter
+
+        with TensorBoardWriter(args.logdir) as writer:
+            writer.log_layout(layout.guide_layout(args.num_hierarchies, prefix=args.prefix))
+        print(f"wrote the custom-scalars layout to {args.logdir}")
+        print(f"open it with: tensorboard --logdir {args.logdir}")
+        return 0
     from google.protobuf import text_format
 
-    proto = layout.tensorboard_layout(args.num_hierarchies, prefixes=(args.prefix,))
+    proto = layout.tensorboard_layout(args.num_hierarchies, prefix=args.prefix)
     print(text_format.MessageToString(proto), end="")
     return 0
 

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from typing import Any
 
 from .registry import TagSpec, specs_by_category
@@ -88,27 +86,12 @@ def guide_layout(num_hierarchies: int = 3, prefix: str = "train/") -> dict[str, 
     return {"category": categories}
 
 
-def exact_regex(tag: str) -> str:
-    """A ``re.match`` pattern for exactly ``tag`` (TensorBoard anchors only at the start)."""
-    return re.escape(tag) + "$"
-
-
-def tensorboard_layout(num_hierarchies: int = 3, prefixes: Sequence[str] = ("train/",)) -> Any:
-    """TensorBoard's ``custom_scalar.layout_pb2.Layout`` with exact-match regexes per tag and prefix.
+def tensorboard_layout(num_hierarchies: int = 3, prefix: str = "train/") -> Any:
+    """TensorBoard's ``custom_scalar.layout_pb2.Layout`` for :func:`guide_layout` (exact-match regexes).
 
     A tag the guide lists directly under a category becomes a chart of its own, titled by the tag.
     Needs the ``tensorboard`` extra.
     """
-    try:
-        from tensorboard.plugins.custom_scalar import layout_pb2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'the TensorBoard layout needs the tensorboard extra: pip install "hjepa-metrics[tensorboard]"'
-        ) from exc
-    layout = layout_pb2.Layout()
-    for category, entries in layout_tree(num_hierarchies):
-        cat = layout.category.add(title=category, closed=False)
-        for title, tags in entries:
-            chart = cat.chart.add(title=title if title is not None else tags[0])
-            chart.multiline.tag.extend(exact_regex(p + t) for t in tags for p in prefixes)
-    return layout
+    from writers.tensorboard import layout_proto
+
+    return layout_proto(guide_layout(num_hierarchies, prefix))

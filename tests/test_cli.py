@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,19 @@ def test_layout_guide_json(n: int) -> None:
 
     out = _run("layout", "--format", "guide-json", "--num-hierarchies", str(n))
     assert json.loads(out.stdout) == guide_layout(n)
+
+
+def test_layout_tensorboard_into_a_logdir(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from hjepa_metrics.layout import tensorboard_layout
+
+    out = _run("layout", "--format", "tensorboard", "--num-hierarchies", "2", "--logdir", str(tmp_path))
+    assert out.returncode == 0 and f"tensorboard --logdir {tmp_path}" in out.stdout
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    proto = layout_pb2.Layout.FromString(
+        acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    assert proto == tensorboard_layout(2)

@@ -1,0 +1,186 @@
+"""TensorBoard writer read back with EventAccumulator and through a real tensorboard server."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hjepa_metrics.layout import guide_layout, tensorboard_layout
+from writers.tensorboard import LAYOUT_TAG, TensorBoardWriter
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def _accumulator(logdir: Path) -> Any:
+    acc = EventAccumulator(
+        str(logdir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def test_scalars_histograms_images_hparams_read_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=1000)
+    image = np.zeros((8, 6, 3), dtype=np.uint8)  # HWC
+    image[..., 2] = 200
+    with TensorBoardWriter(tmp_path) as w:
+        for step in range(5):
+            w.log_scalars(
+                {"train/loss/total": 1.0 / (step + 1), "train/odd": math.nan if step == 2 else step}, step
+            )
+        w.log_scalars({"train/inf": math.inf, "train/ninf": -math.inf}, 7)
+        w.log_histogram("feature_distributions/level0", values, 3)
+        w.log_image("patches/detailed_analysis", image, 4)
+        w.log_config({"model": {"dim": 384, "name": "vit"}, "lr": 1e-3, "ema": True})
+    acc = _accumulator(tmp_path)
+    loss = acc.Scalars("train/loss/total")
+    assert [e.step for e in loss] == [0, 1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2], rel=1e-7)  # float32
+    assert math.isnan(acc.Scalars("train/odd")[2].value)
+    assert acc.Scalars("train/inf")[0].value == math.inf and acc.Scalars("train/ninf")[0].value == -math.inf
+    hist = acc.Histograms("feature_distributions/level0")[0]
+    assert hist.step == 3 and hist.histogram_value.num == 1000
+    assert hist.histogram_value.sum == pytest.approx(values.sum())
+    assert sum(hist.histogram_value.bucket) == 1000
+    assert hist.histogram_value.min == values.min() and hist.histogram_value.max == values.max()
+    img = acc.Images("patches/detailed_analysis")[0]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(img.encoded_image_string)))
+    assert img.step == 4 and (img.height, img.width) == (8, 6)
+    assert np.array_equal(pixels, image)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["model.dim"].number_value == 384
+    assert start.hparams["model.name"].string_value == "vit"
+    assert start.hparams["ema"].bool_value is True
+
+
+def test_matplotlib_figure_image(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    ax.imshow(np.eye(4))
+    with TensorBoardWriter(tmp_path) as w:
+        w.log_image("patches/detailed_analysis", fig, 1000)
+    img = _accumulator(tmp_path).Images("patches/detailed_analysis")[0]
+    assert img.step == 1000 and img.width > 10 and img.encoded_image_string.startswith(b"\x89PNG")
+    assert not plt.fignum_exists(fig.number)  # closed after logging, no figure leak
+
+
+def test_layout_written_once_as_the_proto_tensorboard_reads(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    with TensorBoardWriter(tmp_path) as w:
+        w.log_layout(guide_layout(3))
+    acc = _accumulator(tmp_path)
+    assert acc.PluginTagToContent("custom_scalars") is not None
+    tensor = acc.Tensors(LAYOUT_TAG)[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(tensor.string_val[0])
+    assert layout == tensorboard_layout(3)
+    titles = [c.title for c in layout.category]
+    assert titles[0] == "Loss Metrics" and titles[-1] == "Masking"
+    ema = next(c for c in layout.category if c.title == "EMA Dynamics")
+    assert ema.chart[0].title == "train/ema/momentum_current"  # direct tags become charts
+    regexes = [t for c in layout.category for ch in c.chart for t in ch.multiline.tag]
+    assert len(regexes) == 53
+    h1 = next(r for r in regexes if r.startswith("train/loss/h1"))
+    assert re.match(h1, "train/loss/h1") and not re.match(h1, "train/loss/h10")
+
+
+# --- a real server -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) -> None:
+    from hjepa_metrics import registry
+
+    with TensorBoardWriter(tmp_path) as w:
+        w.log_layout(guide_layout(3))
+        for step in range(3):
+            w.log_scalars({f"train/{t}": float(step) for t in registry.tags(3)}, step)
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tensorboard")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tensorboard.main"]
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "--logdir",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        layout: dict[str, Any] = {}
+        tags: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "tensorboard exited"
+            try:
+                layout = _get(port, "/data/plugin/custom_scalars/layout")
+                tags = _get(port, "/data/plugin/scalars/tags")
+            except OSError:
+                time.sleep(0.5)
+                continue
+            if layout and tags.get(".", {}):
+                break
+            time.sleep(0.5)
+        assert layout, "the server returned no custom-scalars layout"
+        categories = [c["title"] for c in layout["category"]]
+        assert categories == [c["title"] for c in guide_layout(3)["category"]]
+        served = set(tags["."])
+        regexes = [t for c in layout["category"] for ch in c["chart"] for t in ch["multiline"]["tag"]]
+        assert len(regexes) == 53
+        for regex in regexes:
+            assert any(re.match(regex, tag) for tag in served), regex
+        run = urllib.parse.quote(".")
+        tag = urllib.parse.quote("train/loss/total")
+        points = _get(port, f"/data/plugin/scalars/scalars?run={run}&tag={tag}")
+        assert [p[1] for p in points] == [0, 1, 2] and [p[2] for p in points] == [0.0, 1.0, 2.0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

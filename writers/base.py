@@ -1,0 +1,183 @@
+"""The ``Writer`` protocol and a base class with the shared lifecycle."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import threading
+import weakref
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger("writers")
+
+# A layout in the guide's `tensorboard_layout.json` shape:
+# {"category": [{"title": str, "closed": bool, "children": [tag | {"title", "closed", "children": [tag]}]}]}
+LayoutDict = Mapping[str, Any]
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """Puts tagged values somewhere. Steps are ints; tags are full names (``train/loss/total``)."""
+
+    name: str
+
+    def log_scalars(
+        self, metrics: Mapping[str, float], step: int, wall_time: float | None = None
+    ) -> None: ...
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None: ...
+
+    def log_image(self, tag: str, image: Any, step: int) -> None: ...
+
+    def log_config(self, config: Mapping[str, Any]) -> None: ...
+
+    def log_layout(self, layout: LayoutDict) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Writer: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class _CrashWatch:
+    """Remembers whether the process is dying of an uncaught exception, for run status at exit."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self._installed = False
+        self._lock = threading.Lock()
+        self._open: weakref.WeakSet[BaseWriter] = weakref.WeakSet()
+
+    def install(self) -> None:
+        with self._lock:
+            if self._installed:
+                return
+            self._installed = True
+            previous = sys.excepthook
+
+            def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+                self.failed = True
+                previous(exc_type, exc, tb)
+
+            sys.excepthook = hook
+            atexit.register(self._close_all)
+
+    def track(self, writer: BaseWriter) -> None:
+        self.install()
+        self._open.add(writer)
+
+    def forget(self, writer: BaseWriter) -> None:
+        self._open.discard(writer)
+
+    def _close_all(self) -> None:
+        for writer in list(self._open):
+            try:
+                writer.close(failed=self.failed)
+            except Exception:
+                log.exception("closing %s at exit failed", writer.name)
+
+
+crash_watch = _CrashWatch()
+
+
+class BaseWriter:
+    """No-op defaults (a backend overrides what it supports), context manager, close at exit.
+
+    ``close(failed=None)`` decides the run status from an uncaught exception in the process; the
+    context manager passes ``failed=True`` when its block raised.
+    """
+
+    name = "writer"
+
+    def __init__(self) -> None:
+        self._closed = False
+        crash_watch.track(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        del metrics, step, wall_time
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        del tag, values, step
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        del tag, image, step
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        del config
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        del layout
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, failed: bool | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        crash_watch.forget(self)
+        self._close(crash_watch.failed if failed is None else failed)
+
+    def _close(self, failed: bool) -> None:
+        del failed
+        self.flush()
+
+    def __enter__(self) -> BaseWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(failed=exc is not None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_step(step: Any) -> int:
+    """An int step; floats with an integral value are accepted, anything else is an error."""
+    if isinstance(step, bool):
+        raise TypeError(f"step: got bool {step}; expected an int")
+    if isinstance(step, int):
+        return step
+    try:
+        as_float = float(step)
+    except (TypeError, ValueError):
+        raise TypeError(f"step: got {type(step).__name__}; expected an int") from None
+    if not as_float.is_integer():
+        raise ValueError(f"step: got {step!r}; expected an integral value")
+    return int(as_float)
+
+
+def missing_extra(backend: str, extra: str) -> ImportError:
+    return ImportError(
+        f'the {backend} writer needs the {extra!r} extra: pip install "hjepa-metrics[{extra}]"'
+    )
+
+
+def flatten(config: Mapping[str, Any], parent: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mappings to dotted keys.
+
+    >>> flatten({"model": {"dim": 384, "levels": 3}, "lr": 1e-3})
+    {'model.dim': 384, 'model.levels': 3, 'lr': 0.001}
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{parent}{sep}{key}" if parent else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,233 @@
+"""Writers from configuration: a dict, a YAML/JSON file, or ``HJEPA_METRICS_*`` environment variables.
+
+The shape mirrors the guide's ``logging:`` section::
+
+    logging:
+      experiment_name: hjepa_vit_s
+      log_dir: runs/hjepa_vit_s
+      backends: [tensorboard, jsonl]          # or set `enabled: true` per section
+      tensorboard: {enabled: true}
+      wandb: {enabled: false, project: hjepa, entity: my-team, tags: [vit-s], mode: offline}
+      mlflow: {enabled: false, tracking_uri: http://mlflow:5000, run_name: first}
+      jsonl: {enabled: true, path: runs/hjepa_vit_s/metrics.jsonl}
+
+Third-party writers register a factory ``(section: dict, common: dict) -> Writer`` under the
+entry-point group ``hjepa_metrics.writers``; the entry point's name is the backend name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .base import Writer, missing_extra
+from .multi import MultiWriter
+
+ENV_PREFIX = "HJEPA_METRICS_"
+ENTRY_POINT_GROUP = "hjepa_metrics.writers"
+DEFAULT_BACKENDS = ("tensorboard", "jsonl")
+
+TOP_KEYS = frozenset({"experiment_name", "log_dir", "backends", "strict"})
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "tensorboard": frozenset({"enabled", "log_dir", "flush_secs"}),
+    "wandb": frozenset({"enabled", "project", "entity", "tags", "mode", "name", "dir", "run_id", "resume"}),
+    "mlflow": frozenset(
+        {"enabled", "tracking_uri", "experiment_name", "run_name", "run_id", "tags", "log_dir"}
+    ),
+    "jsonl": frozenset({"enabled", "path"}),
+}
+
+Factory = Callable[[Mapping[str, Any], Mapping[str, Any]], Writer]
+
+
+def _tensorboard(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
+    from .tensorboard import TensorBoardWriter
+
+    logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
+    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)))
+
+
+def _wandb(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
+    from .wandb import WandbWriter
+
+    return WandbWriter(
+        project=section.get("project") or common["experiment_name"],
+        entity=section.get("entity"),
+        name=section.get("name"),
+        tags=_as_list(section.get("tags")),
+        mode=section.get("mode"),
+        dir=section.get("dir") or common["log_dir"],
+        run_id=section.get("run_id"),
+        resume=section.get("resume"),
+    )
+
+
+def _mlflow(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
+    from .mlflow import MLflowWriter
+
+    tags = section.get("tags")
+    return MLflowWriter(
+        logdir=section.get("log_dir") or common["log_dir"],
+        tracking_uri=section.get("tracking_uri"),
+        experiment_name=section.get("experiment_name") or common["experiment_name"],
+        run_name=section.get("run_name"),
+        run_id=section.get("run_id"),
+        tags=dict(tags) if isinstance(tags, Mapping) else {t: "" for t in _as_list(tags) or []},
+    )
+
+
+def _jsonl(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
+    from .jsonl import JSONLWriter
+
+    return JSONLWriter(section.get("path") or Path(common["log_dir"]) / "metrics.jsonl")
+
+
+BUILTIN: dict[str, Factory] = {
+    "tensorboard": _tensorboard,
+    "wandb": _wandb,
+    "mlflow": _mlflow,
+    "jsonl": _jsonl,
+}
+
+
+def available_backends() -> dict[str, Factory]:
+    """Built-in backends plus those registered under the ``hjepa_metrics.writers`` entry points."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, _lazy_entry_point(ep))
+    return found
+
+
+def _lazy_entry_point(ep: Any) -> Factory:
+    def factory(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
+        made: Writer = ep.load()(section, common)
+        return made
+
+    return factory
+
+
+def _as_list(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def load_config(source: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The ``logging`` mapping from a dict, a ``.yaml``/``.yml``/``.json`` file, or the environment."""
+    if source is None:
+        return config_from_env(os.environ)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise missing_extra("YAML config", "yaml") from exc
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config: got file {str(path)!r}; expected a .yaml, .yml or .json file")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config: {path} holds {type(data).__name__}; expected a mapping")
+        source = data
+    if not isinstance(source, Mapping):
+        raise TypeError(
+            f"config: got {type(source).__name__}; expected a dict, a file path or None (environment)"
+        )
+    inner = source.get("logging", source)
+    if not isinstance(inner, Mapping):
+        raise ValueError(f"config['logging']: got {type(inner).__name__}; expected a mapping")
+    return dict(inner)
+
+
+def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``HJEPA_METRICS_BACKENDS=tensorboard,jsonl``, ``HJEPA_METRICS_LOG_DIR=...``,
+    ``HJEPA_METRICS_WANDB_PROJECT=...``, ``HJEPA_METRICS_CONFIG=path.yaml`` (a file, then overrides)."""
+    found = {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    config: dict[str, Any] = {}
+    if "config" in found:
+        config = load_config(found.pop("config"))
+    sections = sorted(set(SECTION_KEYS) | set(available_backends()), key=len, reverse=True)
+    for key, value in found.items():
+        if key in TOP_KEYS:
+            config[key] = _as_list(value) if key == "backends" else value
+            continue
+        section = next((s for s in sections if key.startswith(s + "_")), None)
+        if section is None:
+            valid = sorted(f"{ENV_PREFIX}{k.upper()}" for k in TOP_KEYS | {"config"})
+            raise ValueError(
+                f"environment: unknown variable {ENV_PREFIX}{key.upper()}; expected one of {valid} "
+                f"or {ENV_PREFIX}<BACKEND>_<KEY> with BACKEND in {sorted(s.upper() for s in sections)}"
+            )
+        config.setdefault(section, {})[key[len(section) + 1 :]] = value
+    return config
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def selected_backends(config: Mapping[str, Any]) -> list[str]:
+    """Backends named in ``backends``, else those whose section says ``enabled``, else the defaults."""
+    known = available_backends()
+    unknown_keys = sorted(set(config) - TOP_KEYS - set(known))
+    if unknown_keys:
+        raise ValueError(
+            f"config: unknown keys {unknown_keys}; "
+            f"expected {sorted(TOP_KEYS)} or a backend section {sorted(known)}"
+        )
+    if config.get("backends") is not None:
+        names = _as_list(config["backends"]) or []
+    else:
+        names = [n for n in known if isinstance(config.get(n), Mapping) and _truthy(config[n].get("enabled"))]
+        if not names and not any(n in config for n in known):
+            names = list(DEFAULT_BACKENDS)
+    bad = sorted(set(names) - set(known))
+    if bad:
+        raise ValueError(f"config: unknown backends {bad}; expected some of {sorted(known)}")
+    return list(dict.fromkeys(names))
+
+
+def build_writers(
+    config: Mapping[str, Any] | str | os.PathLike[str] | None = None, *, strict: bool | None = None
+) -> Writer:
+    """One writer, or a :class:`MultiWriter` over several, from a config dict, file or the environment.
+
+    With no config and no ``HJEPA_METRICS_*`` variables: TensorBoard and JSONL under ``runs/hjepa``.
+    """
+    cfg = load_config(config)
+    names = selected_backends(cfg)
+    experiment = str(cfg.get("experiment_name") or "hjepa")
+    common = {"experiment_name": experiment, "log_dir": str(cfg.get("log_dir") or Path("runs") / experiment)}
+    known = available_backends()
+    writers: list[Writer] = []
+    try:
+        for name in names:
+            section = cfg.get(name) or {}
+            if not isinstance(section, Mapping):
+                raise ValueError(f"config[{name!r}]: got {type(section).__name__}; expected a mapping")
+            valid = SECTION_KEYS.get(name)
+            if valid is not None and set(section) - valid:
+                raise ValueError(
+                    f"config[{name!r}]: unknown keys {sorted(set(section) - valid)}; "
+                    f"expected some of {sorted(valid)}"
+                )
+            writers.append(known[name](section, common))
+    except BaseException:
+        for made in writers:
+            made.close()
+        raise
+    strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
+    if len(writers) == 1 and not strict_mode:
+        return writers[0]
+    return MultiWriter(writers, strict=strict_mode)

@@ -1,0 +1,240 @@
+"""JSON Lines: one strict-JSON object per line, lossless for NaN/±inf, never a torn line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._media import histogram, image_png, png_size, safe_filename
+from .base import BaseWriter, LayoutDict, check_step
+
+log = logging.getLogger("writers.jsonl")
+
+DEFAULT_FILENAME = "metrics.jsonl"
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# Lines are gathered and written with one os.write per batch: whole lines only, few syscalls.
+_BUFFER_BYTES = 1 << 18
+
+
+def _dumps_stdlib(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _dumps_factory() -> Callable[[Any], bytes]:
+    try:
+        import orjson
+    except ImportError:  # the stdlib encoder is ~8x slower but equally strict here
+        return _dumps_stdlib
+    dumps: Callable[[Any], bytes] = orjson.dumps
+    return dumps
+
+
+def encode_float(value: Any, tag: str = "value") -> float | str:
+    """A JSON-safe float: non-finite values become ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metrics[{tag!r}]: got {type(value).__name__}; expected a real number") from None
+    if math.isfinite(f):
+        return f
+    return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
+
+
+def decode_float(value: Any) -> Any:
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def jsonable(obj: Any) -> Any:
+    """Config values as strict JSON: mappings, sequences, numbers (non-finite encoded), else ``str``."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return encode_float(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and hasattr(obj, "shape"):  # numpy arrays and scalars, torch tensors
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+class JSONLWriter(BaseWriter):
+    """Appends records to ``path`` (a ``.jsonl`` file, or a directory holding ``metrics.jsonl``).
+
+    Scalars: ``{"step", "wall_time", "metrics": {tag: value}}``. Other records carry a ``kind``:
+    ``histogram``, ``image`` (the PNG is saved under ``images/`` beside the file), ``config``,
+    ``layout``. Records are buffered and written as whole lines; ``flush()`` writes and fsyncs.
+    An existing file is appended to (a torn last line from a crash is cut off first).
+    """
+
+    name = "jsonl"
+
+    def __init__(self, path: str | os.PathLike[str], *, buffer_bytes: int = _BUFFER_BYTES) -> None:
+        p = Path(path)
+        if p.suffix not in (".jsonl", ".json", ".ndjson"):
+            p = p / DEFAULT_FILENAME
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.path = p
+        self._dumps = _dumps_factory()
+        self._lock = threading.Lock()
+        self._buffer = bytearray()
+        self._buffer_bytes = buffer_bytes
+        _cut_torn_tail(p)
+        self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        super().__init__()
+
+    # -- records
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        record = {
+            "step": check_step(step),
+            "wall_time": time.time() if wall_time is None else float(wall_time),
+            "metrics": {str(tag): encode_float(value, str(tag)) for tag, value in metrics.items()},
+        }
+        self._append(record)
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        hist = histogram(values, name=tag)
+        self._append(
+            {
+                "kind": "histogram",
+                "step": check_step(step),
+                "wall_time": time.time(),
+                "tag": tag,
+                **jsonable(hist.as_dict()),
+            }
+        )
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        step = check_step(step)
+        png = image_png(image, tag)
+        rel = Path("images") / safe_filename(tag) / f"step_{step:010d}.png"
+        target = self.path.parent / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(png)
+        height, width, channels = png_size(png)
+        self._append(
+            {
+                "kind": "image",
+                "step": step,
+                "wall_time": time.time(),
+                "tag": tag,
+                "path": rel.as_posix(),
+                "height": height,
+                "width": width,
+                "channels": channels,
+            }
+        )
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._append({"kind": "config", "wall_time": time.time(), "config": jsonable(config)})
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        self._append({"kind": "layout", "wall_time": time.time(), "layout": jsonable(layout)})
+
+    # -- I/O
+    def _append(self, record: Mapping[str, Any]) -> None:
+        line = self._dumps(record) + b"\n"
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name}: write after close ({self.path})")
+            self._buffer += line
+            if len(self._buffer) >= self._buffer_bytes:
+                self._write_buffer()
+
+    def _write_buffer(self) -> None:
+        view = memoryview(self._buffer)
+        written = 0
+        try:
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+        finally:
+            view.release()
+            del self._buffer[:written]
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            self._write_buffer()
+            os.fsync(self._fd)
+
+    def _close(self, failed: bool) -> None:
+        del failed
+        with self._lock:
+            try:
+                self._write_buffer()
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate a partial last line (a crash mid-write) so appended records start on a new line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        block = 1 << 16
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            end = start
+        else:
+            keep = 0
+        log.warning("%s: cut a torn last line (%d bytes) left by an interrupted write", path, size - keep)
+        f.truncate(keep)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a JSONL file (or ``metrics.jsonl`` in a directory), floats restored.
+
+    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` metric values become floats again. A torn last line
+    (no newline, not valid JSON) is skipped with a warning; a bad line elsewhere is an error.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / DEFAULT_FILENAME
+    data = p.read_bytes()
+    lines = data.split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            if number == len(lines):  # last piece, no trailing newline: a torn write
+                log.warning("%s: skipped a torn last line (%d bytes)", p, len(raw))
+                continue
+            raise ValueError(f"{p}:{number}: not a JSON record: {raw[:80]!r}") from None
+        metrics = record.get("metrics")
+        if isinstance(metrics, dict):
+            record["metrics"] = {k: decode_float(v) for k, v in metrics.items()}
+        records.append(record)
+    return records
+
+
+def scalar_series(records: list[dict[str, Any]], tag: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one tag across the scalar records, in file order."""
+    return [(r["step"], r["metrics"][tag]) for r in records if "metrics" in r and tag in r["metrics"]]

@@ -1,0 +1,178 @@
+"""MLflow through an explicit ``MlflowClient``: batched ``log_batch``, sanitized keys, run status on exit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._media import histogram, image_png, safe_filename
+from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra
+
+log = logging.getLogger("writers.mlflow")
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE = 6000
+_INVALID = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def sanitize_key(tag: str) -> str:
+    """A key MLflow accepts: letters, digits, ``_ - . space : /``; no ``//``, ``..``, edge ``/``; ≤ 250.
+
+    >>> sanitize_key("train/grad(norm)@L2//x/")
+    'train/grad_norm__L2/x'
+    """
+    key = _INVALID.sub("_", tag)
+    key = re.sub(r"/{2,}", "/", key).strip("/")
+    while ".." in key:
+        key = key.replace("..", "_.")
+    if len(key) > MAX_KEY_LENGTH:
+        key = key[: MAX_KEY_LENGTH - 9] + "_" + _digest(tag)
+    return key or "_"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+class KeyMapper:
+    """Deterministic tag → key with collision detection: a second tag mapping to a taken key gets a
+    hash suffix (and one warning), so it never overwrites or rejects another series."""
+
+    def __init__(self) -> None:
+        self._by_tag: dict[str, str] = {}
+        self._owner: dict[str, str] = {}
+
+    def __call__(self, tag: str) -> str:
+        key = self._by_tag.get(tag)
+        if key is not None:
+            return key
+        key = sanitize_key(tag)
+        owner = self._owner.get(key)
+        if owner is not None and owner != tag:
+            disambiguated = sanitize_key(key[: MAX_KEY_LENGTH - 9] + "_" + _digest(tag))
+            log.warning(
+                "mlflow: tags %r and %r both sanitize to %r; logging %r as %r",
+                owner,
+                tag,
+                key,
+                tag,
+                disambiguated,
+            )
+            key = disambiguated
+        self._owner.setdefault(key, tag)
+        self._by_tag[tag] = key
+        return key
+
+
+class MLflowWriter(BaseWriter):
+    """Logs to an MLflow run. Default store: ``sqlite:///<logdir>/mlflow.db`` with artifacts in
+    ``<logdir>/mlartifacts``; any tracking URI works (a server included).
+
+    Metrics are buffered and sent with ``log_batch`` (≤ 1000 per call) when the buffer is full and on
+    ``flush()``. Keys are sanitized (see :func:`sanitize_key`) with collisions detected. Images and
+    histograms (which MLflow cannot plot) become artifacts under ``images/`` and ``histograms/``; the
+    layout is ``tensorboard_layout.json``. The run ends FAILED if the process dies of an exception or
+    the ``with`` block raises, FINISHED otherwise. Note: sqlite stores ±inf as ±1.797e308.
+    """
+
+    name = "mlflow"
+
+    def __init__(
+        self,
+        *,
+        logdir: str | os.PathLike[str] = "runs/mlflow",
+        tracking_uri: str | None = None,
+        experiment_name: str = "hjepa",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        buffer_size: int = MAX_METRICS_PER_BATCH,
+    ) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        try:
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise missing_extra("MLflow", "mlflow") from exc
+        self._Metric, self._Param = Metric, Param
+        root = Path(logdir).resolve()
+        artifact_location = None
+        if tracking_uri is None:
+            root.mkdir(parents=True, exist_ok=True)
+            tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+            artifact_location = (root / "mlartifacts").as_uri()
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id is not None:
+            run = self.client.get_run(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            experiment = self.client.get_experiment_by_name(experiment_name)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(experiment_name, artifact_location=artifact_location)
+            )
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        self.run_id: str = run.info.run_id
+        self.keys = KeyMapper()
+        self._buffer: list[Any] = []
+        self._buffer_size = max(1, min(buffer_size, MAX_METRICS_PER_BATCH))
+        super().__init__()
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        step = check_step(step)
+        millis = int(1000 * (time.time() if wall_time is None else wall_time))
+        for tag, value in metrics.items():
+            self._buffer.append(self._Metric(self.keys(str(tag)), float(value), millis, step))
+        if len(self._buffer) >= self._buffer_size:
+            self._send()
+
+    def _send(self) -> None:
+        while self._buffer:
+            batch = self._buffer[:MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self._buffer[: len(batch)]
+
+    def _artifact(self, folder: str | None, filename: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="hjepa-mlflow-") as tmp:
+            local = Path(tmp) / filename
+            local.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(local), artifact_path=folder)
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        h = histogram(values, name=tag)
+        data = json.dumps({"tag": tag, "step": check_step(step), **h.as_dict()}).encode("utf-8")
+        self._artifact(f"histograms/{safe_filename(tag)}", f"step_{check_step(step):010d}.json", data)
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        self._artifact(
+            f"images/{safe_filename(tag)}", f"step_{check_step(step):010d}.png", image_png(image, tag)
+        )
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        params = [self._Param(self.keys(k), str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        self._artifact(None, "tensorboard_layout.json", json.dumps(layout, indent=2).encode("utf-8"))
+
+    def flush(self) -> None:
+        self._send()
+
+    def _close(self, failed: bool) -> None:
+        try:
+            self._send()
+        finally:
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

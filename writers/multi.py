@@ -1,0 +1,86 @@
+"""Fan-out to several writers, each isolated from the others' failures."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .base import BaseWriter, LayoutDict, Writer
+
+log = logging.getLogger("writers.multi")
+
+
+class MultiWriter(BaseWriter):
+    """Sends every call to every writer. A writer that raises does not stop the others or the loop:
+    its first error is logged with the writer's name, every error is counted in ``errors``, and
+    ``strict=True`` (for tests) re-raises instead. ``flush`` and ``close`` reach every writer."""
+
+    name = "multi"
+
+    def __init__(self, writers: Iterable[Writer], *, strict: bool = False) -> None:
+        self.writers: list[Writer] = list(writers)
+        names = [w.name for w in self.writers]
+        dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+        if dupes:
+            raise ValueError(f"writers: got two writers named {dupes}; give each writer a distinct name")
+        self.strict = strict
+        self.errors: Counter[str] = Counter()
+        super().__init__()
+
+    def _each(self, action: str, call: Callable[[Writer], Any]) -> None:
+        first_error: BaseException | None = None
+        for writer in self.writers:
+            try:
+                call(writer)
+            except Exception as exc:
+                self.errors[writer.name] += 1
+                if self.strict:
+                    first_error = first_error or exc
+                elif self.errors[writer.name] == 1:
+                    log.warning(
+                        "writer %r failed in %s (%s: %s); the other writers and training go on, "
+                        "further errors of this writer are counted in MultiWriter.errors",
+                        writer.name,
+                        action,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=exc,
+                    )
+        if first_error is not None:
+            raise first_error
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        self._each("log_scalars", lambda w: w.log_scalars(metrics, step, wall_time=wall_time))
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        self._each("log_histogram", lambda w: w.log_histogram(tag, values, step))
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        self._each("log_image", lambda w: w.log_image(tag, image, step))
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._each("log_config", lambda w: w.log_config(config))
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        self._each("log_layout", lambda w: w.log_layout(layout))
+
+    def flush(self) -> None:
+        self._each("flush", lambda w: w.flush())
+
+    def _close(self, failed: bool) -> None:
+        self._each("close", lambda w: _close_writer(w, failed))
+
+    def __getitem__(self, name: str) -> Writer:
+        for writer in self.writers:
+            if writer.name == name:
+                return writer
+        raise KeyError(f"no writer named {name!r}; have {[w.name for w in self.writers]}")
+
+
+def _close_writer(writer: Writer, failed: bool) -> None:
+    if isinstance(writer, BaseWriter):
+        writer.close(failed=failed)
+    else:
+        writer.close()

@@ -1,0 +1,138 @@
+"""Weights & Biases: one history row per step on a ``global_step`` axis, so no step is ever dropped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._media import histogram, image_hwc, is_figure
+from .base import BaseWriter, LayoutDict, check_step, missing_extra
+
+log = logging.getLogger("writers.wandb")
+
+STEP_KEY = "global_step"
+LAYOUT_FILE = "custom_scalars_layout.json"
+
+
+class WandbWriter(BaseWriter):
+    """Logs to a W&B run created with ``wandb.init`` (``mode="offline"`` needs no network).
+
+    W&B silently drops a row whose ``step`` is lower than the last one. This writer never passes
+    ``step``: every metric is plotted against its own ``global_step`` key (``define_metric``), and the
+    values of consecutive calls with the same step are merged into one row. A step lower than the
+    previous one is kept (plotted at its step) and reported once with a warning.
+    ``summaries`` maps metric names or globs to a W&B summary (``"min"``, ``"max"``, ``"mean"``,
+    ``"last"``). W&B has no custom-scalars layout: it is saved as ``custom_scalars_layout.json`` in
+    the run's files, and W&B groups panels by the tag's first path component by itself.
+    """
+
+    name = "wandb"
+
+    def __init__(
+        self,
+        *,
+        project: str | None = None,
+        entity: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        run_id: str | None = None,
+        resume: str | bool | None = None,
+        summaries: Mapping[str, str] | None = None,
+        **init_kwargs: Any,
+    ) -> None:
+        try:
+            import wandb as wandb_module
+        except ImportError as exc:
+            raise missing_extra("W&B", "wandb") from exc
+        wandb: Any = wandb_module  # wandb's Literal-typed arguments are checked by wandb at run time
+        self._wandb = wandb
+        if dir is not None:
+            Path(dir).mkdir(parents=True, exist_ok=True)
+        self.run: Any = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            tags=list(tags) if tags else None,
+            config=dict(config) if config else None,
+            mode=mode,
+            dir=None if dir is None else str(dir),
+            id=run_id,
+            resume=resume,
+            **init_kwargs,
+        )
+        self.run.define_metric(STEP_KEY)
+        self.run.define_metric("*", step_metric=STEP_KEY)
+        for pattern, summary in (summaries or {}).items():
+            self.run.define_metric(pattern, step_metric=STEP_KEY, summary=summary)
+        self._row: dict[str, Any] = {}
+        self._row_step: int | None = None
+        self._last_step: int | None = None
+        self._warned_regression = False
+        super().__init__()
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run.id)
+
+    def _add(self, step: int, values: Mapping[str, Any]) -> None:
+        step = check_step(step)
+        if self._row_step is not None and step != self._row_step:
+            self._commit()
+        if self._last_step is not None and step < self._last_step and not self._warned_regression:
+            self._warned_regression = True
+            log.warning(
+                "wandb: step %d is lower than the previous step %d; kept and plotted against %r "
+                "(W&B's own step would have dropped it)",
+                step,
+                self._last_step,
+                STEP_KEY,
+            )
+        self._row_step = step
+        self._row.update(values)
+
+    def _commit(self) -> None:
+        if self._row_step is None:
+            return
+        self._row[STEP_KEY] = self._row_step
+        self.run.log(self._row)
+        self._last_step = self._row_step if self._last_step is None else max(self._last_step, self._row_step)
+        self._row = {}
+        self._row_step = None
+
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        del wall_time  # W&B stamps rows itself
+        self._add(step, {str(k): float(v) for k, v in metrics.items()})
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        h = histogram(values, name=tag)
+        if h.num == 0:
+            return
+        self._add(step, {tag: self._wandb.Histogram(np_histogram=(h.counts, h.edges))})
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        data = image if is_figure(image) else image_hwc(image, tag)
+        self._add(step, {tag: self._wandb.Image(data)})
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        path = Path(self.run.dir) / LAYOUT_FILE
+        path.write_text(json.dumps(layout, indent=2), encoding="utf-8")
+
+    def flush(self) -> None:
+        self._commit()
+
+    def _close(self, failed: bool) -> None:
+        self._commit()
+        self.run.finish(exit_code=1 if failed else 0)
+        if self._wandb.run is None:
+            # wandb-core lingers until teardown; stop it when no other run of this process needs it
+            self._wandb.teardown()
