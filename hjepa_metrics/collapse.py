@@ -1,8 +1,9 @@
 """Representation-collapse indicators: ``collapse/level{l}_*``.
 
-Everything except ``max_similarity`` comes from three running sums over the L2-normalized rows u
-(Σu, the D×D Gram Σuuᵀ and Σ‖u‖⁴), accumulated in float64 over row chunks. That makes the statistics
-exact over all M rows with O(D²) memory and one pass, instead of a full SVD and an M×M cosine matrix.
+Everything except ``max_similarity`` comes from running sums over the L2-normalized rows u (Σu, the
+D×D Gram Σuuᵀ, Σ‖u‖² and Σ‖u‖⁴), accumulated in float64 over row chunks. That makes the statistics
+exact over all M rows with O(D²) memory and one pass, instead of a full SVD and an M×M cosine matrix,
+and lets validation accumulate them over batches (:class:`CollapseAccumulator`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ EPS = 1e-8
 _CHUNK_ELEMENTS = 1 << 21
 
 
-def _unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ``x`` in ``dtype`` divided by their L2 norm (clamped at 1e-8)."""
     u = x.to(dtype)
     unit: torch.Tensor = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(EPS)
     return unit
@@ -42,6 +44,119 @@ def effective_rank_from_gram(centered_gram: torch.Tensor, scale: torch.Tensor) -
     return torch.where(finite, rank, torch.full_like(rank, math.nan))
 
 
+class CollapseAccumulator:
+    """Exact collapse statistics over rows seen in any number of :meth:`update` calls.
+
+    Holds Σu, Σuuᵀ, Σ‖u‖², Σ‖u‖⁴ and the row count (float64, on the features' device), plus a
+    sample of at most ``max_similarity_rows`` rows for ``max_similarity``: each row gets a key from a
+    private generator seeded with ``seed`` and the rows with the smallest keys are kept, so the sample
+    (and the result) is the same however the rows are split into batches.
+    """
+
+    def __init__(self, *, max_similarity_rows: int = 1024, seed: int = 0) -> None:
+        if max_similarity_rows < 2:
+            raise ValueError(f"max_similarity_rows: got {max_similarity_rows}; expected at least 2")
+        self.max_similarity_rows = max_similarity_rows
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.count = 0
+        self.gram: torch.Tensor | None = None
+        self.row_sum: torch.Tensor | None = None
+        self.sq_norm_sum: torch.Tensor | None = None
+        self.fourth_sum: torch.Tensor | None = None
+        self._sample: torch.Tensor | None = None
+        self._sample_keys: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.gram is None else int(self.gram.shape[0])
+
+    def update(self, features: ArrayLike) -> None:
+        """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine)."""
+        x = as_features(features, "features")
+        x = x.reshape(-1, x.shape[-1])
+        m, d = x.shape
+        if d == 0:
+            raise ValueError(f"features: got shape {tuple(x.shape)}; expected a non-empty feature dim")
+        if self.gram is None:
+            acc = accumulate_dtype(x.device)
+            self.gram = torch.zeros(d, d, dtype=acc, device=x.device)
+            self.row_sum = torch.zeros(d, dtype=acc, device=x.device)
+            self.sq_norm_sum = torch.zeros((), dtype=acc, device=x.device)
+            self.fourth_sum = torch.zeros((), dtype=acc, device=x.device)
+        elif d != self.dim:
+            raise ValueError(f"features: got feature dim {d}; expected {self.dim} as in earlier batches")
+        assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
+        if x.device != self.gram.device:
+            x = x.to(self.gram.device)
+        if m == 0:
+            return
+        acc = self.gram.dtype
+        chunk = max(1, _CHUNK_ELEMENTS // d)
+        for start in range(0, m, chunk):
+            u = unit_rows(x[start : start + chunk], acc)
+            self.gram.addmm_(u.T, u)
+            self.row_sum += u.sum(dim=0)
+            sq = (u * u).sum(dim=1)
+            self.sq_norm_sum += sq.sum()
+            self.fourth_sum += (sq * sq).sum()
+        self.count += m
+        self._update_sample(x)
+
+    def _update_sample(self, x: torch.Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=self._generator).to(x.device)
+        if self._sample is None or self._sample_keys is None:
+            rows, all_keys = x, keys
+        else:
+            rows = torch.cat([self._sample, x.to(self._sample.dtype)])
+            all_keys = torch.cat([self._sample_keys, keys])
+        if all_keys.shape[0] > self.max_similarity_rows:
+            idx = torch.topk(all_keys, self.max_similarity_rows, largest=False).indices
+            rows, all_keys = rows.index_select(0, idx), all_keys.index_select(0, idx)
+        # a clone, so the sample never aliases (or pins) the caller's tensor
+        self._sample, self._sample_keys = rows.clone(), all_keys
+
+    def compute(self, level: int = 0) -> dict[str, torch.Tensor | float]:
+        """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""
+        tag = f"collapse/level{level}_"
+        names = (
+            "mean_std_per_dim",
+            "min_std_per_dim",
+            "effective_rank",
+            "mean_similarity",
+            "std_similarity",
+            "max_similarity",
+        )
+        m = self.count
+        if m == 0 or self.gram is None:
+            raise ValueError("features: no rows were given; expected at least one row")
+        assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
+        raw: dict[str, torch.Tensor | float] = dict.fromkeys((tag + n for n in names), math.nan)
+        mean = self.row_sum / m
+        centered = self.gram - m * torch.outer(mean, mean)
+        raw[tag + "effective_rank"] = effective_rank_from_gram(centered, self.sq_norm_sum)
+        if m < 2:
+            return raw
+        std = ((self.gram.diagonal() - m * mean * mean) / (m - 1)).clamp_min(0.0).sqrt()
+        raw[tag + "mean_std_per_dim"] = std.mean()
+        raw[tag + "min_std_per_dim"] = std.min()
+        pairs = m * (m - 1)
+        mean_sim = ((self.row_sum.dot(self.row_sum) - self.sq_norm_sum) / pairs).clamp(-1.0, 1.0)
+        raw[tag + "mean_similarity"] = mean_sim
+        # Over the M(M−1)/2 distinct pairs, unbiased: Σ_{i<j} c² = (‖G‖²_F − Σ‖u‖⁴) / 2.
+        n_pairs = pairs / 2
+        if n_pairs > 1:
+            sum_sq = (self.gram.square().sum() - self.fourth_sum) / 2
+            raw[tag + "std_similarity"] = (
+                ((sum_sq - n_pairs * mean_sim**2) / (n_pairs - 1)).clamp_min(0.0).sqrt()
+            )
+        assert self._sample is not None
+        u = unit_rows(self._sample, self.gram.dtype)
+        sim = u @ u.T
+        sim.fill_diagonal_(-math.inf)
+        raw[tag + "max_similarity"] = sim.max().clamp(-1.0, 1.0)
+        return raw
+
+
 def collapse_metrics(
     features: ArrayLike,
     *,
@@ -56,71 +171,9 @@ def collapse_metrics(
     sample of at most ``max_similarity_rows`` rows drawn with a private generator seeded by
     ``seed`` (the global RNG is never touched). Quantities undefined for M < 2 are NaN.
     """
+    acc = CollapseAccumulator(max_similarity_rows=max_similarity_rows, seed=seed)
     x = as_features(features, "features")
-    x = x.reshape(-1, x.shape[-1])
-    m, d = x.shape
-    if m == 0 or d == 0:
-        raise ValueError(
-            f"features: got shape {tuple(x.shape)} after flattening; expected at least one row and dim"
-        )
-    if max_similarity_rows < 2:
-        raise ValueError(f"max_similarity_rows: got {max_similarity_rows}; expected at least 2")
-    acc = accumulate_dtype(x.device)
-    gram = torch.zeros(d, d, dtype=acc, device=x.device)
-    row_sum = torch.zeros(d, dtype=acc, device=x.device)
-    sq_norm_sum = torch.zeros((), dtype=acc, device=x.device)
-    fourth_sum = torch.zeros((), dtype=acc, device=x.device)
-    chunk = max(1, _CHUNK_ELEMENTS // d)
-    for start in range(0, m, chunk):
-        u = _unit_rows(x[start : start + chunk], acc)
-        gram.addmm_(u.T, u)
-        row_sum += u.sum(dim=0)
-        sq = (u * u).sum(dim=1)
-        sq_norm_sum += sq.sum()
-        fourth_sum += (sq * sq).sum()
-
-    mean = row_sum / m
-    tag = f"collapse/level{level}_"
-    raw: dict[str, torch.Tensor | float] = {}
-    nan = math.nan
-    pairs = m * (m - 1)
-    if m > 1:
-        var = ((gram.diagonal() - m * mean * mean) / (m - 1)).clamp_min(0.0)
-        std = var.sqrt()
-        raw[tag + "mean_std_per_dim"] = std.mean()
-        raw[tag + "min_std_per_dim"] = std.min()
-    else:
-        raw[tag + "mean_std_per_dim"] = nan
-        raw[tag + "min_std_per_dim"] = nan
-    centered = gram - m * torch.outer(mean, mean)
-    raw[tag + "effective_rank"] = effective_rank_from_gram(centered, sq_norm_sum)
-    if m > 1:
-        mean_sim = ((row_sum.dot(row_sum) - sq_norm_sum) / pairs).clamp(-1.0, 1.0)
-        raw[tag + "mean_similarity"] = mean_sim
-        # Over the M(M−1)/2 distinct pairs, unbiased: Σ_{i<j} c² = (‖G‖²_F − Σ‖u‖⁴) / 2.
-        n_pairs = pairs / 2
-        sum_sq = (gram.square().sum() - fourth_sum) / 2
-        if n_pairs > 1:
-            raw[tag + "std_similarity"] = (
-                ((sum_sq - n_pairs * mean_sim**2) / (n_pairs - 1)).clamp_min(0.0).sqrt()
-            )
-        else:
-            raw[tag + "std_similarity"] = nan
-        raw[tag + "max_similarity"] = _max_pair_similarity(x, max_similarity_rows, seed, acc)
-    else:
-        raw[tag + "mean_similarity"] = nan
-        raw[tag + "std_similarity"] = nan
-        raw[tag + "max_similarity"] = nan
-    return to_host(raw)
-
-
-def _max_pair_similarity(x: torch.Tensor, max_rows: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    m = x.shape[0]
-    if m > max_rows:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        idx = torch.randperm(m, generator=generator)[:max_rows].to(x.device)
-        x = x.index_select(0, idx)
-    u = _unit_rows(x, dtype)
-    sim = u @ u.T
-    sim.fill_diagonal_(-math.inf)
-    return sim.max().clamp(-1.0, 1.0)
+    if x.numel() == 0:
+        raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
+    acc.update(x)
+    return to_host(acc.compute(level))

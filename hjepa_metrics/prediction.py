@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,19 +15,87 @@ log = logging.getLogger(__name__)
 EPS = 1e-8
 
 
-def token_cosine(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cosine and ``‖n̂(pred) − n̂(targ)‖²`` for ``[..., D]`` inputs (flattened to tokens)."""
+def token_cosine(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token cosine, ``‖n̂(pred) − n̂(targ)‖²`` and ``‖pred − targ‖`` for ``[..., D]`` inputs."""
     dtype = compute_dtype(pred) if pred.dtype == targ.dtype else torch.float32
     p = pred.reshape(-1, pred.shape[-1]).to(dtype)
     t = targ.reshape(-1, targ.shape[-1]).to(dtype)
-    p_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(EPS)
-    t_norm = torch.linalg.vector_norm(t, dim=-1).clamp_min(EPS)
+    p_len = torch.linalg.vector_norm(p, dim=-1)
+    t_len = torch.linalg.vector_norm(t, dim=-1)
+    p_norm, t_norm = p_len.clamp_min(EPS), t_len.clamp_min(EPS)
     cos = ((p * t).sum(dim=-1) / (p_norm * t_norm)).clamp(-1.0, 1.0)
-    # ‖a/|a| − b/|b|‖² expanded; exact also for the clamped zero vectors, without a [T, D] temporary.
-    p_unit_sq = (torch.linalg.vector_norm(p, dim=-1) / p_norm) ** 2
-    t_unit_sq = (torch.linalg.vector_norm(t, dim=-1) / t_norm) ** 2
-    nmse = (p_unit_sq + t_unit_sq - 2.0 * cos).clamp_min(0.0)
-    return cos, nmse
+    # ‖a/|a| − b/|b|‖² expanded; exact also for the clamped zero vectors.
+    nmse = ((p_len / p_norm) ** 2 + (t_len / t_norm) ** 2 - 2.0 * cos).clamp_min(0.0)
+    dist = torch.linalg.vector_norm(p - t, dim=-1)
+    return cos, nmse, dist
+
+
+class PredictionAccumulator:
+    """Token statistics of one level over any number of batches: count, Σc, Σc², min, max,
+    Σnmse and Σ‖p − t‖, kept on the device in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: torch.Tensor | None = None  # [Σc, Σc², Σnmse, Σdist]
+        self._min: torch.Tensor | None = None
+        self._max: torch.Tensor | None = None
+
+    def update(self, pred: torch.Tensor, targ: torch.Tensor) -> None:
+        if pred.numel() == 0:
+            return
+        if targ.device != pred.device:
+            targ = targ.to(pred.device)
+        cos, nmse, dist = token_cosine(pred, targ)
+        acc = accumulate_dtype(cos.device)
+        c = cos.to(acc)
+        sums = torch.stack([c.sum(), (c * c).sum(), nmse.to(acc).sum(), dist.to(acc).sum()])
+        low, high = c.min(), c.max()
+        if self._sums is None or self._min is None or self._max is None:
+            self._sums, self._min, self._max = sums, low, high
+        else:
+            self._sums = self._sums + sums.to(self._sums.device)
+            self._min = torch.minimum(self._min, low.to(self._min.device))
+            self._max = torch.maximum(self._max, high.to(self._max.device))
+        self.count += cos.numel()
+
+    def compute(self, level: int) -> dict[str, torch.Tensor | float]:
+        if self._sums is None or self._min is None or self._max is None:
+            return {}
+        n = self.count
+        mean = self._sums[0] / n
+        tag = f"prediction/level{level}_"
+        var = ((self._sums[1] - n * mean * mean) / (n - 1)).clamp_min(0.0) if n > 1 else None
+        return {
+            tag + "cosine_sim_mean": mean,
+            tag + "cosine_sim_std": var.sqrt() if var is not None else math.nan,
+            tag + "cosine_sim_min": self._min,
+            tag + "cosine_sim_max": self._max,
+            tag + "normalized_mse": self._sums[2] / n,
+            tag + "l2_distance": self._sums[3] / n,
+        }
+
+
+def checked_level_pairs(
+    predictions: ArrayLike | Sequence[ArrayLike], targets: ArrayLike | Sequence[ArrayLike]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(pred_l, targ_l), ...]`` as tensors, with level counts and shapes checked."""
+    preds = level_list(predictions, "predictions")
+    targs = level_list(targets, "targets")
+    if len(preds) != len(targs):
+        raise ValueError(
+            f"predictions has {len(preds)} levels but targets has {len(targs)}; expected equal counts"
+        )
+    pairs = []
+    for level, (p_in, t_in) in enumerate(zip(preds, targs, strict=True)):
+        p = as_features(p_in, f"predictions[{level}]")
+        t = as_features(t_in, f"targets[{level}]")
+        if p.shape != t.shape:
+            raise ValueError(
+                f"predictions[{level}] has shape {tuple(p.shape)} but targets[{level}] has {tuple(t.shape)}; "
+                "expected equal shapes"
+            )
+        pairs.append((p, t))
+    return pairs
 
 
 def prediction_quality(
@@ -40,36 +109,12 @@ def prediction_quality(
     (std unbiased), ``normalized_mse`` = mean ``‖n̂(p) − n̂(t)‖²`` in [0, 4], ``l2_distance`` = mean
     ``‖p − t‖`` on raw features. Empty levels are skipped with a warning.
     """
-    preds = level_list(predictions, "predictions")
-    targs = level_list(targets, "targets")
-    if len(preds) != len(targs):
-        raise ValueError(
-            f"predictions has {len(preds)} levels but targets has {len(targs)}; expected equal counts"
-        )
     raw: dict[str, torch.Tensor | float] = {}
-    for level, (p_in, t_in) in enumerate(zip(preds, targs, strict=True)):
-        p = as_features(p_in, f"predictions[{level}]")
-        t = as_features(t_in, f"targets[{level}]")
-        if p.shape != t.shape:
-            raise ValueError(
-                f"predictions[{level}] has shape {tuple(p.shape)} but targets[{level}] has {tuple(t.shape)}; "
-                "expected equal shapes"
-            )
+    for level, (p, t) in enumerate(checked_level_pairs(predictions, targets)):
         if p.numel() == 0:
             log.warning("prediction_quality: level %d is empty (shape %s); skipped", level, tuple(p.shape))
             continue
-        if t.device != p.device:
-            t = t.to(p.device)
-        cos, nmse = token_cosine(p, t)
-        dist = torch.linalg.vector_norm(
-            p.reshape(-1, p.shape[-1]).to(cos.dtype) - t.reshape(-1, t.shape[-1]).to(cos.dtype), dim=-1
-        )
-        acc = accumulate_dtype(cos.device)
-        tag = f"prediction/level{level}_"
-        raw[tag + "cosine_sim_mean"] = cos.to(acc).mean()
-        raw[tag + "cosine_sim_std"] = cos.to(acc).std() if cos.numel() > 1 else float("nan")
-        raw[tag + "cosine_sim_min"] = cos.min()
-        raw[tag + "cosine_sim_max"] = cos.max()
-        raw[tag + "normalized_mse"] = nmse.to(acc).mean()
-        raw[tag + "l2_distance"] = dist.to(acc).mean()
+        state = PredictionAccumulator()
+        state.update(p, t)
+        raw.update(state.compute(level))
     return to_host(raw)
