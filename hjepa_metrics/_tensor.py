@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def host_list(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.reshape(-1).tolist()]
 
 
-def level_list(x: object, name: str) -> list[object]:
+def level_list(x: object, name: str) -> list[Any]:
     """Per-level inputs: a list/tuple of arrays, or one array meaning a single level."""
     if isinstance(x, (torch.Tensor, np.ndarray)):
         return [x]

@@ -33,7 +33,7 @@ def hierarchical_losses(
         num_hierarchies = sum(1 for k in loss_dict if _LEVEL_KEY.match(str(k)))
     if num_hierarchies < 1:
         raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
-    weights = _weights(hierarchy_weights, num_hierarchies)
+    weights = checked_weights(hierarchy_weights, num_hierarchies)
     for key in ["loss", *(f"loss_h{i}" for i in range(num_hierarchies))]:
         if key not in loss_dict:
             raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
@@ -57,7 +57,7 @@ def hierarchical_losses(
     return out
 
 
-def _weights(hierarchy_weights: Sequence[float] | None, num_hierarchies: int) -> list[float]:
+def checked_weights(hierarchy_weights: Sequence[float] | None, num_hierarchies: int) -> list[float]:
     if hierarchy_weights is None:
         return [1.0] * num_hierarchies
     weights = [float(w) for w in hierarchy_weights]

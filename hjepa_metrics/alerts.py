@@ -1,0 +1,69 @@
+"""Threshold alerts from the registry, reported once per crossing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from . import registry
+
+log = logging.getLogger("hjepa_metrics.alerts")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One crossing of a guide threshold: ``tag`` left its healthy range at ``step``."""
+
+    tag: str
+    step: int
+    value: float
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.tag} = {self.value:.6g} at step {self.step}: {self.rule}"
+
+
+class AlertMonitor:
+    """Checks logged values against the registry's rules.
+
+    A tag that crosses its threshold is reported once (a ``logging`` warning, ``on_alert`` callback,
+    appended to :attr:`fired`) and again only after it has come back into range and crossed anew.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_hierarchies: int,
+        on_alert: Callable[[Alert], None] | None = None,
+    ) -> None:
+        self.num_hierarchies = num_hierarchies
+        self.on_alert = on_alert
+        self.fired: list[Alert] = []
+        self.active: set[str] = set()
+        self.feature_dims: dict[int, int] = {}
+
+    def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
+        """New alerts among ``metrics`` (full tags, prefixes allowed)."""
+        new = []
+        for tag, value in metrics.items():
+            match = registry.lookup(tag)
+            if match is None or match.spec.alert is None:
+                continue
+            rule = match.spec.alert
+            dim = self.feature_dims.get(match.level) if match.level is not None else None
+            if rule.fires(value, level=match.level, num_hierarchies=self.num_hierarchies, dim=dim):
+                if tag not in self.active:
+                    self.active.add(tag)
+                    alert = Alert(tag, step, float(value), rule.describe())
+                    new.append(alert)
+            elif value == value:  # back in range (NaN says nothing either way)
+                if tag in self.active:
+                    log.info("%s back in range at step %d (%.6g)", tag, step, value)
+                self.active.discard(tag)
+        for alert in new:
+            log.warning("alert: %s", alert)
+            self.fired.append(alert)
+            if self.on_alert is not None:
+                self.on_alert(alert)
+        return new
