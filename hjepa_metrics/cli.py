@@ -72,6 +72,15 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(argv: Sequence[str]) -> int:
+    """``hjepa-metrics demo ARGS`` is ``python examples/train_hjepa.py ARGS``."""
+    from importlib import import_module
+
+    # examples/ is installed as hjepa_metrics.examples (package-dir mapping in pyproject.toml)
+    import_module("hjepa_metrics.examples.train_hjepa").main(list(argv), prog="hjepa-metrics demo")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hjepa-metrics", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,12 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--logdir", default=None, help="write into this TensorBoard log dir instead of printing"
     )
     p_layout.set_defaults(func=_cmd_layout)
+
+    # parsed by the example itself (see run_demo); listed here for --help
+    sub.add_parser(
+        "demo",
+        help="train a small H-JEPA on synthetic images on the CPU (about a minute), logging "
+        "every guide metric; `hjepa-metrics demo --help` for its options",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        return run_demo(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if getattr(args, "num_hierarchies", 1) < 1:
         parser.error(f"--num-hierarchies: got {args.num_hierarchies}; expected >= 1")
     try:
