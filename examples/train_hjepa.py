@@ -517,9 +517,9 @@ def default_config(steps: int, log_dir: str, backends: Sequence[str]) -> dict[st
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=800, help="training steps (default 800: about a minute)")
     parser.add_argument("--log-dir", default="runs/hjepa_demo")

@@ -10,8 +10,37 @@ from collections.abc import Sequence
 from . import registry
 
 
+def tags_markdown(num_hierarchies: int = 3) -> str:
+    """The tag reference (``docs/tags.md``), generated from the registry."""
+    lines = [
+        "# Tag reference",
+        "",
+        f"Generated from `hjepa_metrics.registry` by `hjepa-metrics tags --format markdown` "
+        f"({num_hierarchies} levels). Tags are written under `train/` or `val/`. Templates with "
+        "`{module}`, `{group}` or `{param}` expand to the names in your model; the guide's names are listed.",
+        "",
+    ]
+    for group in registry.GROUPS:
+        lines += [f"## {group}", "", "| tag | unit | meaning | dashboard | alert |", "|---|---|---|---|---|"]
+        for spec in registry.REGISTRY:
+            if spec.group != group:
+                continue
+            for tag in spec.expand(num_hierarchies) or [spec.template]:
+                match = registry.lookup(tag)
+                level = match.level if match else None
+                meaning = spec.meaning.format(level=level, **_names(spec, match.name if match else None))
+                where = spec.category if spec.in_layout(level) and match else ""
+                alert = spec.alert.describe() if spec.alert else ""
+                lines.append(f"| `{tag}` | {spec.unit} | {meaning} | {where or ''} | {alert} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _cmd_tags(args: argparse.Namespace) -> int:
     tags = registry.tags(args.num_hierarchies)
+    if args.format == "markdown":
+        print(tags_markdown(args.num_hierarchies), end="")
+        return 0
     if args.format == "json":
         rows = []
         for tag in tags:
@@ -88,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_tags = sub.add_parser("tags", help="list every tag of the registry")
     p_tags.add_argument("--num-hierarchies", type=int, default=3)
     p_tags.add_argument("--prefix", default="", help="prefix such as train/")
-    p_tags.add_argument("--format", choices=("text", "json"), default="text")
+    p_tags.add_argument("--format", choices=("text", "json", "markdown"), default="text")
     p_tags.set_defaults(func=_cmd_tags)
 
     p_layout = sub.add_parser("layout", help="print or write the custom-scalars layout")

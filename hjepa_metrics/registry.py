@@ -331,7 +331,7 @@ REGISTRY: tuple[TagSpec, ...] = (
     TagSpec(
         "gradient_flow/{module}_mean",
         "gradient_flow",
-        "|grad|",
+        "abs(grad)",
         "Mean absolute gradient over the parameters of top-level module {module}",
         "Gradient Flow",
         defaults=("context_encoder", "predictor"),
@@ -339,18 +339,21 @@ REGISTRY: tuple[TagSpec, ...] = (
     TagSpec(
         "gradient_flow/{module}_max",
         "gradient_flow",
-        "|grad|",
+        "abs(grad)",
         "Max absolute gradient over the parameters of top-level module {module}",
         defaults=("context_encoder", "predictor"),
     ),
     TagSpec(
         "gradients/{param}_mean",
         "gradient_flow",
-        "|grad|",
+        "abs(grad)",
         "Mean absolute gradient of tensor {param} (opt-in)",
     ),
     TagSpec(
-        "gradients/{param}_max", "gradient_flow", "|grad|", "Max absolute gradient of tensor {param} (opt-in)"
+        "gradients/{param}_max",
+        "gradient_flow",
+        "abs(grad)",
+        "Max absolute gradient of tensor {param} (opt-in)",
     ),
     TagSpec(
         "gradient/global_norm_before_clip",

@@ -64,3 +64,12 @@ def test_layout_tensorboard_into_a_logdir(tmp_path: Path) -> None:
         acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     )
     assert proto == tensorboard_layout(2)
+
+
+def test_docs_tag_reference_is_up_to_date() -> None:
+    from hjepa_metrics.cli import tags_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "tags.md"
+    assert docs.read_text(encoding="utf-8") == tags_markdown(3), (
+        "docs/tags.md is stale: run `hjepa-metrics tags --format markdown > docs/tags.md`"
+    )
