@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 import wandb_reader
+from hjepa_metrics.examples import train_hjepa
 
-from examples import train_hjepa
 from hjepa_metrics import HJEPATensorBoardLogger, registry
 from hjepa_metrics.layout import guide_layout
 from writers import JSONLWriter, read_jsonl
