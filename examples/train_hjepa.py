@@ -475,7 +475,8 @@ def visualize_patches(images: torch.Tensor, output: dict[str, Any], mask: torch.
 def where_to_look(writer: Writer) -> list[str]:
     """One line per backend: where its data is and the command that opens it."""
     lines = []
-    for w in writer.writers if isinstance(writer, MultiWriter) else [writer]:
+    for outer in writer.writers if isinstance(writer, MultiWriter) else [writer]:
+        w = getattr(outer, "inner", outer)  # the backend behind its BackgroundWriter
         if w.name == "jsonl":
             lines.append(f"JSONL:       {Path(getattr(w, 'path', '')).resolve()}  (writers.read_jsonl)")
         elif w.name == "tensorboard":

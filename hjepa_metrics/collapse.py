@@ -19,11 +19,14 @@ EPS = 1e-8
 _CHUNK_ELEMENTS = 1 << 21
 
 
-def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of ``x`` in ``dtype`` divided by their L2 norm (clamped at 1e-8)."""
-    u = x.to(dtype)
-    unit: torch.Tensor = u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(EPS)
-    return unit
+def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` as a new ``dtype`` tensor divided by their L2 norm (clamped at 1e-8), and each
+    result row's squared norm (1, or 0 for a zero row). One temporary of ``x``'s size, divided in place."""
+    u = x.to(dtype, copy=True)
+    length = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    clamped = length.clamp_min(EPS)
+    u.div_(clamped)
+    return u, (length / clamped).square_().squeeze(-1)
 
 
 def effective_rank_from_gram(centered_gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,27 +96,29 @@ class CollapseAccumulator:
         acc = self.gram.dtype
         chunk = max(1, _CHUNK_ELEMENTS // d)
         for start in range(0, m, chunk):
-            u = unit_rows(x[start : start + chunk], acc)
+            u, sq = unit_rows(x[start : start + chunk], acc)
             self.gram.addmm_(u.T, u)
             self.row_sum += u.sum(dim=0)
-            sq = (u * u).sum(dim=1)
             self.sq_norm_sum += sq.sum()
             self.fourth_sum += (sq * sq).sum()
         self.count += m
         self._update_sample(x)
 
     def _update_sample(self, x: torch.Tensor) -> None:
+        keep = self.max_similarity_rows
         keys = torch.rand(x.shape[0], generator=self._generator).to(x.device)
-        if self._sample is None or self._sample_keys is None:
-            rows, all_keys = x, keys
+        if keys.shape[0] > keep:  # only this batch's best candidates, never a copy of the whole batch
+            idx = torch.topk(keys, keep, largest=False).indices
+            rows, keys = x.index_select(0, idx), keys.index_select(0, idx)
         else:
-            rows = torch.cat([self._sample, x.to(self._sample.dtype)])
-            all_keys = torch.cat([self._sample_keys, keys])
-        if all_keys.shape[0] > self.max_similarity_rows:
-            idx = torch.topk(all_keys, self.max_similarity_rows, largest=False).indices
-            rows, all_keys = rows.index_select(0, idx), all_keys.index_select(0, idx)
-        # a clone, so the sample never aliases (or pins) the caller's tensor
-        self._sample, self._sample_keys = rows.clone(), all_keys
+            rows = x.clone()  # the sample must not alias (or pin) the caller's tensor
+        if self._sample is not None and self._sample_keys is not None:
+            rows = torch.cat([self._sample, rows.to(self._sample.dtype)])
+            keys = torch.cat([self._sample_keys, keys])
+            if keys.shape[0] > keep:
+                idx = torch.topk(keys, keep, largest=False).indices
+                rows, keys = rows.index_select(0, idx), keys.index_select(0, idx)
+        self._sample, self._sample_keys = rows, keys
 
     def compute(self, level: int = 0) -> dict[str, torch.Tensor | float]:
         """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""
@@ -150,7 +155,7 @@ class CollapseAccumulator:
                 ((sum_sq - n_pairs * mean_sim**2) / (n_pairs - 1)).clamp_min(0.0).sqrt()
             )
         assert self._sample is not None
-        u = unit_rows(self._sample, self.gram.dtype)
+        u, _ = unit_rows(self._sample, self.gram.dtype)
         sim = u @ u.T
         sim.fill_diagonal_(-math.inf)
         raw[tag + "max_similarity"] = sim.max().clamp(-1.0, 1.0)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import wandb_reader
 
-from writers import BaseWriter, JSONLWriter, MultiWriter, Writer, build_writers, read_jsonl
+from writers import BackgroundWriter, BaseWriter, JSONLWriter, MultiWriter, Writer, build_writers, read_jsonl
 from writers.config import config_from_env, load_config
 
 pytest.importorskip("wandb")
@@ -89,7 +89,7 @@ def test_four_backends_at_once_with_one_failing_mid_run(
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss/total")] == steps
     assert [r["global_step"] for r in wandb_reader.history(tmp_path)] == steps
-    mlflow_writer = multi["mlflow"]
+    mlflow_writer = multi["mlflow"].inner  # type: ignore[attr-defined]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
@@ -114,7 +114,8 @@ def test_protocol_is_runtime_checkable(tmp_path: Path) -> None:
 def _describe(writer: Writer) -> list[tuple[str, str]]:
     writers = writer.writers if isinstance(writer, MultiWriter) else [writer]
     out = []
-    for w in writers:
+    for outer in writers:
+        w = getattr(outer, "inner", outer)
         where = getattr(w, "path", None) or getattr(w, "logdir", None) or getattr(w, "tracking_uri", None)
         out.append((w.name, str(where)))
     return out
@@ -166,7 +167,8 @@ def test_environment_sections_and_config_file(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("HJEPA_METRICS_BACKENDS", "jsonl")
     monkeypatch.setenv("HJEPA_METRICS_LOG_DIR", str(tmp_path / "env"))
     w = build_writers()
-    assert isinstance(w, JSONLWriter) and w.path == tmp_path / "env" / "metrics.jsonl"
+    assert isinstance(w, BackgroundWriter) and isinstance(w.inner, JSONLWriter)
+    assert w.inner.path == tmp_path / "env" / "metrics.jsonl"
     w.close()
 
 
@@ -231,5 +233,6 @@ def test_entry_point_writers_are_selectable(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(config_module, "entry_points", fake_entry_points)
     w = build_writers({"log_dir": str(tmp_path), "backends": ["memory"], "memory": {"file": "plugin"}})
-    assert isinstance(w, JSONLWriter) and w.path == tmp_path / "plugin.jsonl"
+    assert isinstance(w, BackgroundWriter) and isinstance(w.inner, JSONLWriter)
+    assert w.inner.path == tmp_path / "plugin.jsonl"
     w.close()

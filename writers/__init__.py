@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .background import BackgroundWriter
 from .base import BaseWriter, Writer
 from .config import build_writers, load_config
 from .jsonl import JSONLWriter, read_jsonl
@@ -31,6 +32,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BackgroundWriter",
     "BaseWriter",
     "JSONLWriter",
     "MLflowWriter",

@@ -24,6 +24,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from .background import BackgroundWriter
 from .base import Writer, missing_extra
 from .multi import MultiWriter
 
@@ -31,7 +32,9 @@ ENV_PREFIX = "HJEPA_METRICS_"
 ENTRY_POINT_GROUP = "hjepa_metrics.writers"
 DEFAULT_BACKENDS = ("tensorboard", "jsonl")
 
-TOP_KEYS = frozenset({"experiment_name", "log_dir", "backends", "strict"})
+TOP_KEYS = frozenset(
+    {"experiment_name", "log_dir", "backends", "strict", "background", "max_queue", "when_full"}
+)
 SECTION_KEYS: dict[str, frozenset[str]] = {
     "tensorboard": frozenset({"enabled", "log_dir", "flush_secs"}),
     "wandb": frozenset({"enabled", "project", "entity", "tags", "mode", "name", "dir", "run_id", "resume"}),
@@ -204,6 +207,8 @@ def build_writers(
     """One writer, or a :class:`MultiWriter` over several, from a config dict, file or the environment.
 
     With no config and no ``HJEPA_METRICS_*`` variables: TensorBoard and JSONL under ``runs/hjepa``.
+    Each backend runs on its own background thread (:class:`BackgroundWriter`) unless
+    ``background: false``; ``max_queue`` and ``when_full`` (``block`` or ``drop``) set its queue.
     """
     cfg = load_config(config)
     names = selected_backends(cfg)
@@ -228,6 +233,16 @@ def build_writers(
             made.close()
         raise
     strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
+    if _truthy(cfg.get("background", True)):
+        writers = [
+            BackgroundWriter(
+                w,
+                max_queue=int(cfg.get("max_queue", 10_000)),
+                when_full=cfg.get("when_full", "block"),
+                strict=strict_mode,
+            )
+            for w in writers
+        ]
     if len(writers) == 1 and not strict_mode:
         return writers[0]
     return MultiWriter(writers, strict=strict_mode)

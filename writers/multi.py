@@ -26,8 +26,18 @@ class MultiWriter(BaseWriter):
         if dupes:
             raise ValueError(f"writers: got two writers named {dupes}; give each writer a distinct name")
         self.strict = strict
-        self.errors: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
         super().__init__()
+
+    @property
+    def errors(self) -> Counter[str]:
+        """Failed calls per writer name, those of background writers included."""
+        counts = Counter(self._errors)
+        for writer in self.writers:
+            background = getattr(writer, "errors", None)
+            if isinstance(background, int) and background:
+                counts[writer.name] += background
+        return counts
 
     def _each(self, action: str, call: Callable[[Writer], Any]) -> None:
         first_error: BaseException | None = None
@@ -35,10 +45,10 @@ class MultiWriter(BaseWriter):
             try:
                 call(writer)
             except Exception as exc:
-                self.errors[writer.name] += 1
+                self._errors[writer.name] += 1
                 if self.strict:
                     first_error = first_error or exc
-                elif self.errors[writer.name] == 1:
+                elif self._errors[writer.name] == 1:
                     log.warning(
                         "writer %r failed in %s (%s: %s); the other writers and training go on, "
                         "further errors of this writer are counted in MultiWriter.errors",

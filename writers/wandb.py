@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -117,7 +118,12 @@ class WandbWriter(BaseWriter):
         self._add(step, {tag: self._wandb.Histogram(np_histogram=(h.counts, h.edges))})
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
-        data = image if is_figure(image) else image_hwc(image, tag)
+        if isinstance(image, (bytes, bytearray)):  # PNG bytes, e.g. a figure rendered off-thread
+            from PIL import Image
+
+            data: Any = Image.open(io.BytesIO(bytes(image)))
+        else:
+            data = image if is_figure(image) else image_hwc(image, tag)
         self._add(step, {tag: self._wandb.Image(data)})
 
     def log_config(self, config: Mapping[str, Any]) -> None:
