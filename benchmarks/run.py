@@ -1,0 +1,401 @@
+"""Every performance target of the project, each measured against a naive baseline in the same run.
+
+    python benchmarks/run.py            # all cases, prints the table
+    python benchmarks/run.py --quick    # smaller repeats (same shapes)
+
+Prints: case, ours, baseline, ratio, target, pass/fail. Exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from guide_baseline import GuideStyleLogger
+
+import hjepa_metrics as hm
+
+
+@dataclass
+class Row:
+    case: str
+    ours: str
+    baseline: str
+    ratio: float
+    target: str
+    ok: bool
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeat`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- collapse
+
+
+def naive_collapse(x: torch.Tensor) -> dict[str, float]:
+    """The exact definitions, computed directly in float64: full SVD and the N×N cosine matrix."""
+    u = x.double()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    std = u.std(dim=0)
+    _, s, _ = torch.linalg.svd(u - u.mean(dim=0), full_matrices=False)  # U and V computed, as the guide's
+    p = s / s.sum()
+    erank = math.exp(-(p * p.clamp_min(1e-300).log()).sum().item())
+    sim = u @ u.T
+    m = u.shape[0]
+    off = sim[torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)]
+    return {
+        "mean_std_per_dim": std.mean().item(),
+        "min_std_per_dim": std.min().item(),
+        "effective_rank": erank,
+        "mean_similarity": off.mean().item(),
+        "std_similarity": off.std().item(),
+        "max_similarity": off.max().item(),
+    }
+
+
+def bench_collapse_speed(repeat: int) -> list[Row]:
+    x = torch.randn(16_384, 768, generator=torch.Generator().manual_seed(0))
+    ours = timed(lambda: hm.collapse_metrics(x), repeat)
+    base = timed(lambda: naive_collapse(x), max(1, repeat // 3))
+    got, want = hm.collapse_metrics(x), naive_collapse(x)
+    worst = max(
+        abs(got[f"collapse/level0_{k}"] - v) / max(abs(v), 1e-12)
+        for k, v in want.items()
+        if k != "max_similarity"
+    )
+    # max_similarity is over a seeded sample of 1024 rows by definition: it cannot exceed the exact max
+    sample_ok = got["collapse/level0_max_similarity"] <= want["max_similarity"] + 1e-12
+    return [
+        Row(
+            "collapse [16384, 768]: exact stats vs SVD + N×N",
+            f"{ours * 1e3:.0f} ms",
+            f"{base * 1e3:.0f} ms",
+            base / ours,
+            ">= 15x",
+            base / ours >= 15,
+        ),
+        Row(
+            "collapse [16384, 768]: max relative difference",
+            f"{worst:.1e}",
+            "float64 direct",
+            0.0,
+            "<= 1e-6",
+            worst <= 1e-6 and sample_ok,
+        ),
+    ]
+
+
+_MEMORY_PROBE = """
+import resource, sys, torch, hjepa_metrics as hm
+x = torch.empty(50_000, 768).normal_(generator=torch.Generator().manual_seed(0))
+hm.collapse_metrics(x[:2048])  # load kernels and libraries before the baseline reading
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "ours":
+    hm.collapse_metrics(x)
+else:
+    u = x.double(); u = u / u.norm(dim=1, keepdim=True); torch.linalg.svd(u[:10000], full_matrices=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024)
+"""
+
+
+def bench_collapse_memory_and_floor(repeat: int) -> list[Row]:
+    def peak_mb(which: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, which], capture_output=True, text=True, check=True
+        )
+        return float(out.stdout.strip())
+
+    ours_mb, naive_mb = peak_mb("ours"), peak_mb("naive")
+    x = torch.randn(50_000, 768, generator=torch.Generator().manual_seed(1))
+    z = x.double()
+    ours = timed(lambda: hm.collapse_metrics(x), repeat)
+    floor = timed(lambda: torch.mm(z.T, z), repeat)
+    return [
+        Row(
+            "collapse [50000, 768]: peak extra memory",
+            f"{ours_mb:.0f} MB",
+            f"{naive_mb:.0f} MB (float64 copy)",
+            naive_mb / max(ours_mb, 1e-9),
+            "< 64 MB",
+            ours_mb < 64,
+        ),
+        Row(
+            "collapse [50000, 768]: time vs one float64 ZᵀZ",
+            f"{ours * 1e3:.0f} ms",
+            f"{floor * 1e3:.0f} ms",
+            ours / floor,
+            "<= 2x the floor",
+            ours / floor <= 2,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- the guide's logging step
+
+
+class ViTSmall(nn.Module):
+    """ViT-S/16 shapes for the parameters: 12 blocks, D = 384 (about 150 parameter tensors)."""
+
+    def __init__(self, depth: int = 12, dim: int = 384) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, 6, 4 * dim, batch_first=True, norm_first=True)
+        self.context_encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.patch_embed = nn.Linear(768, dim)
+
+
+def _step_inputs() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    b, n, d = 32, 196, 384
+    model = ViTSmall()
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    levels = (n, n // 4, n // 16)
+    preds = [torch.randn(b, k, d, generator=gen) for k in levels]
+    targs = [p + 0.3 * torch.randn(p.shape, generator=gen) for p in preds]
+    return {
+        "model": model,
+        "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "predictions": preds,
+        "targets": targs,
+        "context": torch.randn(b, n + 1, d, generator=gen),
+        "mask": torch.rand(b, n, generator=gen) < 0.6,
+        "loss_dict": {
+            "loss": torch.tensor(0.9),
+            "loss_h0": torch.tensor(0.5),
+            "loss_h1": torch.tensor(0.5),
+            "loss_h2": torch.tensor(0.6),
+        },
+        "history": [1.0 / (i + 1) for i in range(100)],
+    }
+
+
+def _guide_step(logger: Any, s: dict[str, Any], step: int, ours: bool) -> None:
+    kw = {"global_step": step}
+    logger.log_hierarchical_losses(s["loss_dict"], **kw)
+    logger.log_masking_statistics(mask=s["mask"], num_patches=196, **kw)
+    logger.log_prediction_quality(predictions=s["predictions"], targets=s["targets"], **kw)
+    ctx = s["context"][:, 1:, :]
+    features = ctx.reshape(-1, ctx.shape[-1])
+    logger.log_collapse_metrics(features=features, level=0, **kw)
+    logger.log_gradient_flow(s["model"], **kw)
+    norm = torch.nn.utils.clip_grad_norm_(s["model"].parameters(), max_norm=float("inf"))
+    if ours:
+        logger.log_gradient_clipping(
+            global_norm_before=norm, global_norm_after=norm, clip_threshold=1.0, **kw
+        )
+    else:
+        logger.log_gradient_clipping(norm.item(), norm.item(), 1.0, **kw)
+    logger.log_learning_rate(s["optimizer"], **kw)
+    logger.log_hierarchy_feature_stats(s["predictions"], s["targets"], **kw)
+    logger.log_training_stability(current_loss=s["history"][-1], loss_history=s["history"], **kw)
+    logger.log_performance_metrics(batch_size=32, forward_time=0.1, backward_time=0.2, **kw)
+
+
+def bench_logging_step(repeat: int) -> list[Row]:
+    from writers import build_writers
+
+    s = _step_inputs()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_logger = hm.HJEPAMetricsLogger(config={"log_dir": f"{tmp}/ours", "backends": ["tensorboard"]})
+        base_logger = GuideStyleLogger(f"{tmp}/base")
+        step = iter(range(10**6))
+        ours = timed(lambda: _guide_step(ours_logger, s, next(step), True), repeat)
+        base = timed(lambda: _guide_step(base_logger, s, next(step), False), max(1, repeat // 2))
+        ours_logger.close()
+        base_logger.close()
+        del build_writers
+    return [
+        Row(
+            "guide's logging step, ViT-S shapes, CPU",
+            f"{ours * 1e3:.0f} ms",
+            f"{base * 1e3:.0f} ms",
+            base / ours,
+            ">= 3x",
+            base / ours >= 3,
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _writer_config(tmp: str, backend: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"log_dir": f"{tmp}/{backend}", "backends": [backend]}
+    if backend == "wandb":
+        cfg["wandb"] = {"mode": "offline", "project": "bench"}
+    return cfg
+
+
+def bench_writer_throughput(steps: int) -> list[Row]:
+    from writers import build_writers
+
+    targets = {"jsonl": 200_000, "tensorboard": 150_000, "mlflow": 8_000, "wandb": 100_000}
+    rows = []
+    metrics = {f"train/metric_{i:03d}": float(i) for i in range(100)}
+    for backend, target in targets.items():
+        n = steps if backend != "mlflow" else max(50, steps // 10)
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = build_writers(_writer_config(tmp, backend))
+            writer.log_scalars(metrics, 0)
+            writer.flush()  # backend start-up (W&B's process, MLflow's schema) is not throughput
+            start = time.perf_counter()
+            for step in range(1, n + 1):
+                writer.log_scalars(metrics, step)
+            writer.flush()
+            elapsed = time.perf_counter() - start
+            writer.close()
+        rate = 100 * n / elapsed
+        rows.append(
+            Row(
+                f"{backend}: sustained scalars/s (100 per step, flushed)",
+                f"{rate:,.0f}/s",
+                "-",
+                rate / target,
+                f">= {target:,}/s",
+                rate >= target,
+            )
+        )
+    return rows
+
+
+def bench_log_latency(calls: int) -> list[Row]:
+    from writers import JSONLWriter, build_writers
+
+    metrics = {f"train/metric_{i:03d}": float(i) for i in range(100)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {
+            "log_dir": tmp,
+            "backends": ["tensorboard", "wandb", "mlflow", "jsonl"],
+            "wandb": {"mode": "offline", "project": "bench"},
+        }
+        writer = build_writers(cfg)
+        times = []
+        for step in range(calls):
+            start = time.perf_counter()
+            writer.log_scalars(metrics, step)
+            times.append(time.perf_counter() - start)
+        writer.close()
+        sync = JSONLWriter(f"{tmp}/sync.jsonl")  # the baseline: the same record written synchronously
+        sync_times = []
+        for step in range(calls):
+            start = time.perf_counter()
+            sync.log_scalars(metrics, step)
+            sync.flush()
+            sync_times.append(time.perf_counter() - start)
+        sync.close()
+    ours, base = statistics.median(times), statistics.median(sync_times)
+    return [
+        Row(
+            "log of 100 scalars, 4 backends on, median call",
+            f"{ours * 1e6:.0f} µs",
+            f"{base * 1e6:.0f} µs (JSONL, sync + flush)",
+            base / ours,
+            "< 1 ms",
+            ours < 1e-3,
+        )
+    ]
+
+
+_IMPORT_PROBE = """
+import sys, time
+t0 = time.perf_counter(); import torch, numpy; t1 = time.perf_counter()
+import hjepa_metrics, writers; t2 = time.perf_counter()
+loaded = sorted(m for m in ("tensorboard", "wandb", "mlflow", "matplotlib") if m in sys.modules)
+print(t1 - t0, t2 - t1, ",".join(loaded))
+"""
+
+
+def bench_import_cost() -> list[Row]:
+    runs = []
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True
+        )
+        base, ours, loaded = (out.stdout.split() + [""])[:3]
+        runs.append((float(ours), float(base), loaded))
+    ours, base, loaded = min(runs)
+    return [
+        Row(
+            "import hjepa_metrics, writers (after torch, numpy)",
+            f"{ours * 1e3:.0f} ms",
+            f"{base * 1e3:.0f} ms (torch, numpy)",
+            ours / base,
+            "< 500 ms, no backend imported",
+            ours < 0.5 and not loaded,
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args(argv)
+    repeat = 3 if args.quick else 7
+    rows: list[Row] = []
+    for bench in (
+        lambda: bench_collapse_speed(repeat),
+        lambda: bench_collapse_memory_and_floor(repeat),
+        lambda: bench_logging_step(repeat),
+        lambda: bench_log_latency(300 if args.quick else 1000),
+        lambda: bench_writer_throughput(300 if args.quick else 1000),
+        bench_import_cost,
+    ):
+        for row in bench():
+            rows.append(row)
+            print(f"  {row.case}: {row.ours} vs {row.baseline} -> {'pass' if row.ok else 'FAIL'}", flush=True)
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, Python {platform.python_version()}\n"
+    )
+    header = ("case", "ours", "baseline", "ratio", "target", "result")
+    table = [header] + [
+        (
+            r.case,
+            r.ours,
+            r.baseline,
+            f"{r.ratio:.1f}x" if r.ratio else "-",
+            r.target,
+            "pass" if r.ok else "FAIL",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
