@@ -339,7 +339,7 @@ def bench_import_cost() -> list[Row]:
         out = subprocess.run(
             [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True
         )
-        base, ours, loaded = (out.stdout.split() + [""])[:3]
+        base, ours, loaded = [*out.stdout.split(), ""][:3]
         runs.append((float(ours), float(base), loaded))
     ours, base, loaded = min(runs)
     return [
