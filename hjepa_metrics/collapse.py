@@ -15,8 +15,8 @@ import torch
 from ._tensor import ArrayLike, accumulate_dtype, as_features, to_host
 
 EPS = 1e-8
-# Keeps each float64 chunk near 16 MB, whatever D is.
-_CHUNK_ELEMENTS = 1 << 21
+# Keeps each float64 chunk near 8 MB, whatever D is.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,3 +123,18 @@ def test_strict_background_writer_raises_on_the_next_call() -> None:
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="when_full: got 'wait'"):
         BackgroundWriter(Slow(), when_full="wait")  # type: ignore[arg-type]
+
+
+def test_a_hung_backend_cannot_stop_training(caplog: pytest.LogCaptureFixture) -> None:
+    inner = Slow()
+    inner.gate.clear()  # hangs forever
+    w = BackgroundWriter(inner, max_queue=2, stall_timeout=0.2)
+    start = time.perf_counter()
+    for step in range(20):
+        w.log_scalars({"a": 1.0}, step)
+    w.flush()
+    w.close()
+    assert time.perf_counter() - start < 5.0
+    assert w.stalled and w.dropped >= 15
+    assert caplog.text.count("made no progress") == 1
+    inner.gate.set()  # let the abandoned worker finish

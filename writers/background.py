@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ._media import image_png, is_figure, to_numpy
-from .base import BaseWriter, LayoutDict, Writer, check_step
+from .base import BaseWriter, LayoutDict, Writer, check_step, crash_watch
 
 log = logging.getLogger("writers.background")
 
@@ -23,7 +23,10 @@ class BackgroundWriter(BaseWriter):
 
     Back-pressure: the queue holds ``max_queue`` calls. When it is full, ``when_full="block"`` (the
     default) makes the caller wait for room, so no record is ever lost; ``"drop"`` discards the new
-    record instead and counts it in :attr:`dropped` (warned once). Values are snapshotted when queued:
+    record instead and counts it in :attr:`dropped` (warned once). A backend that makes no progress for
+    ``stall_timeout`` seconds (a hung server) is reported once as stalled and its new records are dropped
+    and counted until it has room again, so it cannot stop training; ``flush`` and ``close`` wait at most
+    that long for it. Values are snapshotted when queued:
     metrics are copied, tensors copied to host arrays, figures rendered to PNG, wall time stamped.
     ``flush()`` returns when everything queued before it is written and flushed by ``inner``;
     ``close()`` drains the queue, then closes ``inner``. An error in ``inner`` is logged once with the
@@ -31,7 +34,13 @@ class BackgroundWriter(BaseWriter):
     """
 
     def __init__(
-        self, inner: Writer, *, max_queue: int = 10_000, when_full: WhenFull = "block", strict: bool = False
+        self,
+        inner: Writer,
+        *,
+        max_queue: int = 10_000,
+        when_full: WhenFull = "block",
+        strict: bool = False,
+        stall_timeout: float = 120.0,
     ) -> None:
         if when_full not in ("block", "drop"):
             raise ValueError(f"when_full: got {when_full!r}; expected 'block' or 'drop'")
@@ -43,11 +52,14 @@ class BackgroundWriter(BaseWriter):
         self.strict = strict
         self.errors = 0
         self.dropped = 0
+        self.stall_timeout = stall_timeout
+        self.stalled = False
         self._first_error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._work, name=f"writers-{self.name}", daemon=True)
         self._thread.start()
         super().__init__()
+        crash_watch.adopt(inner)
 
     # -- worker
     def _work(self) -> None:
@@ -95,18 +107,34 @@ class BackgroundWriter(BaseWriter):
             raise RuntimeError(f"{self.name}: the background worker has stopped")
         done = threading.Event() if wait else None
         item = (method, args, kwargs, done)
-        if self.when_full == "drop" and not wait:
-            try:
+        try:
+            if self.when_full == "drop" or self.stalled:
                 self._queue.put_nowait(item)
-            except queue.Full:
-                self.dropped += 1
-                if self.dropped == 1:
-                    log.warning("writer %r: queue full, dropping records (when_full='drop')", self.name)
-        else:
-            self._queue.put(item)
+            else:
+                self._queue.put(item, timeout=self.stall_timeout)
+            self.stalled = False
+        except queue.Full:
+            self._drop(stalled=self.when_full == "block")
+            return
         if done is not None:
-            done.wait()
+            if not done.wait(self.stall_timeout):
+                self._drop(stalled=True, count=False)
+                return
             self._raise_if_strict()
+
+    def _drop(self, *, stalled: bool, count: bool = True) -> None:
+        if count:
+            self.dropped += 1
+        if stalled and not self.stalled:
+            self.stalled = True
+            log.warning(
+                "writer %r made no progress for %.0f s; its new records are dropped and counted until it "
+                "catches up (training and the other writers go on)",
+                self.name,
+                self.stall_timeout,
+            )
+        elif not stalled and self.dropped == 1:
+            log.warning("writer %r: queue full, dropping records (when_full='drop')", self.name)
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         stamped = time.time() if wall_time is None else wall_time
@@ -131,9 +159,17 @@ class BackgroundWriter(BaseWriter):
 
     def _close(self, failed: bool) -> None:
         if self._thread.is_alive():
-            self._queue.put(
-                ("close", (), {"failed": failed} if isinstance(self.inner, BaseWriter) else {}, None)
-            )
-            self._queue.put(_STOP)
-            self._thread.join()
+            kwargs = {"failed": failed} if isinstance(self.inner, BaseWriter) else {}
+            try:
+                self._queue.put(("close", (), kwargs, None), timeout=self.stall_timeout)
+                self._queue.put(_STOP, timeout=self.stall_timeout)
+            except queue.Full:
+                pass
+            self._thread.join(self.stall_timeout)
+            if self._thread.is_alive():
+                log.warning(
+                    "writer %r did not finish within %.0f s; abandoned at close",
+                    self.name,
+                    self.stall_timeout,
+                )
         self._raise_if_strict()

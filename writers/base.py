@@ -77,6 +77,11 @@ class _CrashWatch:
     def forget(self, writer: BaseWriter) -> None:
         self._open.discard(writer)
 
+    def adopt(self, writer: object) -> None:
+        """``writer`` now belongs to a wrapper that closes it (in order) at exit; don't close it twice."""
+        if isinstance(writer, BaseWriter):
+            self.forget(writer)
+
     def _close_all(self) -> None:
         for writer in list(self._open):
             try:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .base import BaseWriter, LayoutDict, Writer
+from .base import BaseWriter, LayoutDict, Writer, crash_watch
 
 log = logging.getLogger("writers.multi")
 
@@ -28,6 +28,8 @@ class MultiWriter(BaseWriter):
         self.strict = strict
         self._errors: Counter[str] = Counter()
         super().__init__()
+        for writer in self.writers:
+            crash_watch.adopt(writer)
 
     @property
     def errors(self) -> Counter[str]:
