@@ -111,19 +111,20 @@ def bench_collapse_speed(repeat: int) -> list[Row]:
     ]
 
 
-# Peak resident memory from VmHWM (ru_maxrss would carry the parent's peak across exec).
+# Peak resident memory (VmHWM; ru_maxrss would carry the parent's peak across exec) minus the resident
+# memory just before the call: an upper bound on the call's extra memory.
 _MEMORY_PROBE = """
 import sys, torch, hjepa_metrics as hm
-def peak_kb():
-    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
+def kb(field):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(field)))
 x = torch.empty(50_000, 768).normal_(generator=torch.Generator().manual_seed(0))
-hm.collapse_metrics(x[:2048])  # load kernels and libraries before the baseline reading
-before = peak_kb()
+hm.collapse_metrics(x[:2048])  # load kernels and libraries before the reading
+before = kb("VmRSS")
 if sys.argv[1] == "ours":
     hm.collapse_metrics(x)
 else:
     u = x.double(); u = u / u.norm(dim=1, keepdim=True); torch.linalg.svd(u[:10000], full_matrices=False)
-print((peak_kb() - before) / 1024)
+print(max(0, kb("VmHWM") - before) / 1024)
 """
 
 

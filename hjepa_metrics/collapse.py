@@ -66,6 +66,7 @@ class CollapseAccumulator:
         self.row_sum: torch.Tensor | None = None
         self.sq_norm_sum: torch.Tensor | None = None
         self.fourth_sum: torch.Tensor | None = None
+        self.nonfinite_rows: torch.Tensor | None = None
         self._sample: torch.Tensor | None = None
         self._sample_keys: torch.Tensor | None = None
 
@@ -86,9 +87,11 @@ class CollapseAccumulator:
             self.row_sum = torch.zeros(d, dtype=acc, device=x.device)
             self.sq_norm_sum = torch.zeros((), dtype=acc, device=x.device)
             self.fourth_sum = torch.zeros((), dtype=acc, device=x.device)
+            self.nonfinite_rows = torch.zeros((), dtype=acc, device=x.device)
         elif d != self.dim:
             raise ValueError(f"features: got feature dim {d}; expected {self.dim} as in earlier batches")
         assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
+        assert self.nonfinite_rows is not None
         if x.device != self.gram.device:
             x = x.to(self.gram.device)
         if m == 0:
@@ -101,6 +104,7 @@ class CollapseAccumulator:
             self.row_sum += u.sum(dim=0)
             self.sq_norm_sum += sq.sum()
             self.fourth_sum += (sq * sq).sum()
+            self.nonfinite_rows += (~torch.isfinite(u).all(dim=-1)).sum()
         self.count += m
         self._update_sample(x)
 
@@ -136,6 +140,8 @@ class CollapseAccumulator:
             raise ValueError("features: no rows were given; expected at least one row")
         assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
         raw: dict[str, torch.Tensor | float] = dict.fromkeys((tag + n for n in names), math.nan)
+        assert self.nonfinite_rows is not None
+        raw[f"health/collapse_level{level}_nonfinite"] = self.nonfinite_rows
         mean = self.row_sum / m
         centered = self.gram - m * torch.outer(mean, mean)
         raw[tag + "effective_rank"] = effective_rank_from_gram(centered, self.sq_norm_sum)

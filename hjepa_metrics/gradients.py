@@ -22,7 +22,8 @@ def gradient_flow(
     returns. Module names are the first component of the parameter name after DDP's ``module.`` and
     compile's ``_orig_mod.`` prefixes. Foreach kernels, one host transfer.
     """
-    named = [(n, p.grad) for n, p in named_tensors(model, "model") if p.grad is not None]
+    # empty gradients add nothing to any statistic (and have no max)
+    named = [(n, p.grad) for n, p in named_tensors(model, "model") if p.grad is not None and p.grad.numel()]
     if not named:
         return {}
     grads = [g.detach() for _, g in named]
@@ -43,6 +44,7 @@ def gradient_flow(
     )
     raw: dict[str, torch.Tensor | float] = {
         "gradient_flow/global_norm": l2.to(acc).square().sum().sqrt(),
+        "health/gradient_nonfinite_tensors": (~torch.isfinite(l2)).sum(),
     }
     means = sums / counts.clamp_min(1)
     for module, i in modules.items():

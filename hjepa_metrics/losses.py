@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -46,6 +47,7 @@ def hierarchical_losses(
     if "loss_unweighted" in loss_dict:
         raw["loss/unweighted"] = scalar_tensor(loss_dict["loss_unweighted"], "loss_dict['loss_unweighted']")
     out = to_host(raw)
+    out["health/loss_nonfinite"] = float(sum(not math.isfinite(v) for v in out.values()))
 
     levels = [out[f"loss/h{i}"] for i in range(num_hierarchies)]
     out.setdefault("loss/unweighted", sum(levels) / num_hierarchies)

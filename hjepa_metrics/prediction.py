@@ -36,7 +36,7 @@ class PredictionAccumulator:
 
     def __init__(self) -> None:
         self.count = 0
-        self._sums: torch.Tensor | None = None  # [Σc, Σc², Σnmse, Σdist]
+        self._sums: torch.Tensor | None = None  # [Σc, Σc², Σnmse, Σdist, non-finite tokens]
         self._min: torch.Tensor | None = None
         self._max: torch.Tensor | None = None
 
@@ -48,7 +48,10 @@ class PredictionAccumulator:
         cos, nmse, dist = token_cosine(pred, targ)
         acc = accumulate_dtype(cos.device)
         c = cos.to(acc)
-        sums = torch.stack([c.sum(), (c * c).sum(), nmse.to(acc).sum(), dist.to(acc).sum()])
+        bad = ~(torch.isfinite(pred).all(dim=-1) & torch.isfinite(targ).all(dim=-1))
+        sums = torch.stack(
+            [c.sum(), (c * c).sum(), nmse.to(acc).sum(), dist.to(acc).sum(), bad.sum().to(acc)]
+        )
         low, high = c.min(), c.max()
         if self._sums is None or self._min is None or self._max is None:
             self._sums, self._min, self._max = sums, low, high
@@ -72,6 +75,7 @@ class PredictionAccumulator:
             tag + "cosine_sim_max": self._max,
             tag + "normalized_mse": self._sums[2] / n,
             tag + "l2_distance": self._sums[3] / n,
+            f"health/prediction_level{level}_nonfinite": self._sums[4],
         }
 
 

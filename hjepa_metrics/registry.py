@@ -473,6 +473,35 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Predicted tokens at level {level} (coarser levels have fewer)",
         "Hierarchy Structure",
     ),
+    # --- input health
+    TagSpec(
+        "health/loss_nonfinite",
+        "health",
+        "count",
+        "Non-finite values among the logged losses",
+        alert=AlertRule("non-finite loss", above=0.0),
+    ),
+    TagSpec(
+        "health/prediction_level{level}_nonfinite",
+        "health",
+        "tokens",
+        "Level {level} tokens whose prediction or target has a non-finite element (their statistics are NaN)",
+        alert=AlertRule("non-finite predictions or targets", above=0.0),
+    ),
+    TagSpec(
+        "health/collapse_level{level}_nonfinite",
+        "health",
+        "rows",
+        "Level {level} feature rows with a non-finite element (the collapse statistics are NaN)",
+        alert=AlertRule("non-finite features", above=0.0),
+    ),
+    TagSpec(
+        "health/gradient_nonfinite_tensors",
+        "health",
+        "tensors",
+        "Parameter tensors whose gradient has a non-finite element",
+        alert=AlertRule("non-finite gradients", above=0.0),
+    ),
     # --- masking
     TagSpec("masking/mask_ratio", "masking", "ratio", "Fraction of patches masked (predicted)", "Masking"),
     TagSpec("masking/num_masked_patches", "masking", "patches", "Mean masked patches per sample", "Masking"),

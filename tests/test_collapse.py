@@ -32,6 +32,7 @@ def brute_force(x: np.ndarray) -> dict[str, float]:
         TAG + "mean_similarity": pairs.mean(),
         TAG + "std_similarity": pairs.std(ddof=1),
         TAG + "max_similarity": pairs.max(),
+        "health/collapse_level0_nonfinite": float((~np.isfinite(x).all(axis=1)).sum()),
     }
 
 
@@ -89,7 +90,7 @@ def test_level_prefix_and_leading_dims_are_flattened() -> None:
     x = torch.randn(4, 10, 8, generator=gen)
     got = collapse_metrics(x[:, 1:, :], level=2)  # non-contiguous, as the guide's CLS slice
     want = collapse_metrics(x[:, 1:, :].reshape(-1, 8).contiguous(), level=2)
-    assert set(got) == {k.replace("level0", "level2") for k in brute_force(np.ones((3, 2)))}
+    assert set(got) == {k.replace("level0", "level2") for k in brute_force(np.eye(3))}
     assert got == want
 
 

@@ -44,6 +44,7 @@ def test_losses_unweighted_given_and_level_count_inferred() -> None:
         "loss/unweighted": 7.0,
         "loss/contribution_h0": pytest.approx(100 / 3),
         "loss/contribution_h1": pytest.approx(200 / 3),
+        "health/loss_nonfinite": 0.0,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import sys
 import threading
 import weakref
@@ -170,6 +171,30 @@ def missing_extra(backend: str, extra: str) -> ImportError:
     return ImportError(
         f'the {backend} writer needs the {extra!r} extra: pip install "hjepa-metrics[{extra}]"'
     )
+
+
+# A key whose last word names a secret: api_key, hf_token, db_password, aws_secret_access_key, ...
+# ("num_tokens" or "tokenizer" are not secrets).
+_SECRET = re.compile(
+    r"(^|[_\-.])(api[_-]?key|access[_-]?key|secret([_-]?key)?|token|password|passwd|pwd|credentials?|"
+    r"private[_-]?key)$",
+    re.IGNORECASE,
+)
+REDACTED = "***REDACTED***"
+
+
+def redact(config: Any) -> Any:
+    """A copy of ``config`` with the values of secret-looking keys (API keys, tokens, passwords,
+    credentials) replaced, at any depth, so no backend, log line or record ever holds them.
+
+    >>> redact({"wandb": {"api_key": "abc", "project": "p"}, "db_password": "x"})
+    {'wandb': {'api_key': '***REDACTED***', 'project': 'p'}, 'db_password': '***REDACTED***'}
+    """
+    if isinstance(config, Mapping):
+        return {k: REDACTED if _SECRET.search(str(k)) else redact(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [redact(v) for v in config]
+    return config
 
 
 def flatten(config: Mapping[str, Any], parent: str = "", sep: str = ".") -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, png_size, safe_filename
-from .base import BaseWriter, LayoutDict, check_step
+from .base import BaseWriter, LayoutDict, check_step, redact
 
 log = logging.getLogger("writers.jsonl")
 
@@ -134,6 +134,7 @@ class JSONLWriter(BaseWriter):
         )
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        config = redact(config)  # secrets never reach a backend
         self._append({"kind": "config", "wall_time": time.time(), "config": jsonable(config)})
 
     def log_layout(self, layout: LayoutDict) -> None:

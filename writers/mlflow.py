@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, safe_filename
-from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra
+from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra, redact
 
 log = logging.getLogger("writers.mlflow")
 
@@ -161,6 +161,7 @@ class MLflowWriter(BaseWriter):
         )
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        config = redact(config)  # secrets never reach a backend
         params = [self._Param(self.keys(k), str(v)[:MAX_PARAM_VALUE]) for k, v in flatten(config).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])

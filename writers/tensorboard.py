@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ._media import histogram, image_png, png_size
-from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra
+from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra, redact
 
 log = logging.getLogger("writers.tensorboard")
 
@@ -130,6 +130,7 @@ class TensorBoardWriter(BaseWriter):
         self._event(step, [self._p.summary_pb2.Summary.Value(tag=tag, image=img)])
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        config = redact(config)  # secrets never reach a backend
         flat = flatten(config)
         p = self._p
         start = p.plugin_data_pb2.SessionStartInfo()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_hwc, is_figure
-from .base import BaseWriter, LayoutDict, check_step, missing_extra
+from .base import BaseWriter, LayoutDict, check_step, missing_extra, redact
 
 log = logging.getLogger("writers.wandb")
 
@@ -61,7 +61,7 @@ class WandbWriter(BaseWriter):
             entity=entity,
             name=name,
             tags=list(tags) if tags else None,
-            config=dict(config) if config else None,
+            config=redact(dict(config)) if config else None,
             mode=mode,
             dir=None if dir is None else str(dir),
             id=run_id,
@@ -127,6 +127,7 @@ class WandbWriter(BaseWriter):
         self._add(step, {tag: self._wandb.Image(data)})
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        config = redact(config)  # secrets never reach a backend
         self.run.config.update(dict(config), allow_val_change=True)
 
     def log_layout(self, layout: LayoutDict) -> None:

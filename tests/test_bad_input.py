@@ -1,0 +1,170 @@
+"""Bad input: the right number, an honest NaN with a health/ count, or a clear error; never a crash."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import nn
+
+import hjepa_metrics as hm
+
+
+def test_nonfinite_inputs_give_nan_and_a_health_count() -> None:
+    x = torch.randn(20, 4)
+    x[3, 1] = math.nan
+    x[7, 0] = math.inf
+    got = hm.collapse_metrics(x, level=1)
+    assert got["health/collapse_level1_nonfinite"] == 2.0
+    assert math.isnan(got["collapse/level1_effective_rank"]) and math.isnan(
+        got["collapse/level1_mean_similarity"]
+    )
+
+    p = torch.randn(2, 5, 4)
+    t = p.clone()
+    t[0, 2, 3] = math.nan
+    got = hm.prediction_quality(p, t)
+    assert got["health/prediction_level0_nonfinite"] == 1.0
+    assert math.isnan(got["prediction/level0_cosine_sim_mean"])
+
+    model = nn.Linear(3, 3)
+    model.weight.grad = torch.full((3, 3), math.nan)
+    model.bias.grad = torch.ones(3)
+    got = hm.gradient_flow(model)
+    assert got["health/gradient_nonfinite_tensors"] == 1.0 and math.isnan(got["gradient_flow/global_norm"])
+
+    got = hm.hierarchical_losses({"loss": math.inf, "loss_h0": torch.tensor(math.nan), "loss_h1": 1.0})
+    assert got["health/loss_nonfinite"] == 2.0 and "loss/contribution_h0" not in got
+
+
+def test_alerts_on_health_tags(caplog: pytest.LogCaptureFixture) -> None:
+    from writers import BaseWriter
+
+    logger = hm.HJEPAMetricsLogger(BaseWriter())
+    x = torch.randn(8, 4)
+    x[0, 0] = math.nan
+    logger.log_collapse_metrics(x, global_step=1)
+    assert [a.tag for a in logger.alerts] == ["train/health/collapse_level0_nonfinite"]
+
+
+def test_half_precision_extremes_are_computed_in_wider_types() -> None:
+    big = torch.full((4, 3, 8), 60000.0, dtype=torch.float16)  # squares overflow float16
+    got = hm.prediction_quality(big, big)
+    assert got["prediction/level0_cosine_sim_mean"] == pytest.approx(1.0, abs=1e-6)
+    stats = hm.hierarchy_feature_stats([big])
+    assert stats["hierarchy/level0_feat_norm"] == pytest.approx(60000.0 * math.sqrt(8), rel=1e-3)
+    tiny = torch.full((16, 8), 1e-7, dtype=torch.bfloat16)
+    assert hm.collapse_metrics(tiny)["collapse/level0_mean_similarity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_integer_bool_and_requires_grad_inputs() -> None:
+    feats = torch.randint(-5, 5, (30, 6))
+    assert hm.collapse_metrics(feats)["collapse/level0_effective_rank"] > 0
+    assert hm.masking_statistics(torch.tensor([[True, False, True, False]]))["masking/mask_ratio"] == 0.5
+    p = torch.randn(2, 3, 4, requires_grad=True)
+    got = hm.prediction_quality(p * 2, p.detach() * 2)
+    assert got["prediction/level0_cosine_sim_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: hm.collapse_metrics(torch.randn(5)), ValueError, r"features: got shape \(5,\)"),
+        (lambda: hm.collapse_metrics(torch.randn(3, 0)), ValueError, "features: got shape"),
+        (lambda: hm.collapse_metrics("x"), TypeError, "features: got str"),
+        (
+            lambda: hm.prediction_quality(torch.ones(2, 3), torch.ones(3, 3)),
+            ValueError,
+            "expected equal shapes",
+        ),
+        (lambda: hm.prediction_quality(torch.ones(3), torch.ones(3)), ValueError, "at least 2 dims"),
+        (
+            lambda: hm.masking_statistics(torch.ones(2, 2, 2, 2)),
+            ValueError,
+            r"expected \[B, N\] or \[B, K, N\]",
+        ),
+        (lambda: hm.masking_statistics(torch.ones(0, 4)), ValueError, "non-empty"),
+        (lambda: hm.hierarchical_losses({"loss": 1.0}), ValueError, "no 'loss_h"),
+        (lambda: hm.hierarchical_losses({"loss": "a", "loss_h0": 1.0}), TypeError, r"loss_dict\['loss'\]"),
+        (lambda: hm.training_stability("1,2"), TypeError, "loss_history: got str"),
+        (lambda: hm.performance_metrics(-1, 0.1, 0.1), ValueError, "batch_size: got -1"),
+        (lambda: hm.gradient_clipping(1.0, 1.0, 0.0), ValueError, "clip_threshold: got 0.0"),
+        (lambda: hm.learning_rate([{"momentum": 0.9}]), KeyError, "no 'lr' key"),
+        (lambda: hm.collapse_metrics(torch.ones(3, 2, dtype=torch.complex64)), TypeError, "complex"),
+    ],
+)
+def test_clear_errors(call: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()  # type: ignore[operator]
+
+
+def test_level_count_disagreeing_with_the_logger() -> None:
+    from writers import BaseWriter
+
+    logger = hm.HJEPAMetricsLogger(BaseWriter(), num_hierarchies=3)
+    with pytest.raises(ValueError, match="expected num_hierarchies=3"):
+        logger.log_hierarchy_feature_stats([torch.ones(1, 2, 3)] * 2)
+    with pytest.raises(KeyError, match="missing key 'loss_h2'"):
+        logger.log_hierarchical_losses({"loss": 1.0, "loss_h0": 1.0, "loss_h1": 1.0})
+
+
+DTYPES = st.sampled_from([np.float16, np.float32, np.float64, np.int32, np.bool_])
+VALUES = st.floats(allow_nan=True, allow_infinity=True, width=16)
+shapes = st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple)
+OK = (ValueError, TypeError, KeyError)
+
+
+def _array(draw: st.DrawFn) -> np.ndarray:
+    dtype = draw(DTYPES)
+    shape = draw(shapes)
+    if dtype is np.bool_:
+        return draw(arrays(dtype, shape))
+    if dtype is np.int32:
+        return draw(arrays(dtype, shape, elements=st.integers(-100, 100)))
+    return draw(arrays(dtype, shape, elements=VALUES))
+
+
+@st.composite
+def any_array(draw: st.DrawFn) -> np.ndarray:
+    return _array(draw)
+
+
+def _fuzz(call: object) -> None:
+    try:
+        out = call()  # type: ignore[operator]
+    except OK:
+        return
+    assert isinstance(out, dict) and all(isinstance(v, float) for v in out.values())
+
+
+@given(any_array(), st.sampled_from(["numpy", "torch"]))
+def test_fuzz_single_input_functions(x: np.ndarray, kind: str) -> None:
+    value = torch.from_numpy(x.copy()) if kind == "torch" else x
+    _fuzz(lambda: hm.collapse_metrics(value))
+    _fuzz(lambda: hm.masking_statistics(value))
+    _fuzz(lambda: hm.hierarchy_feature_stats([value]))
+    _fuzz(lambda: hm.training_stability(list(x.ravel()[:60])))
+
+
+@given(any_array(), any_array())
+def test_fuzz_pairs(a: np.ndarray, b: np.ndarray) -> None:
+    _fuzz(lambda: hm.prediction_quality([a], [b]))
+    _fuzz(lambda: hm.prediction_quality([a], [a]))
+    _fuzz(lambda: hm.hierarchy_feature_stats([a], [b]))
+
+
+@given(st.lists(any_array(), min_size=1, max_size=4))
+def test_fuzz_gradients_and_ema(arrays_: list[np.ndarray]) -> None:
+    params = {}
+    for i, a in enumerate(arrays_):
+        t = torch.from_numpy(a.astype(np.float32))
+        p = nn.Parameter(t.clone())
+        p.grad = t.clone()
+        params[f"m{i % 2}.p{i}"] = p
+    _fuzz(lambda: hm.gradient_flow(params, per_parameter=True))
+    _fuzz(lambda: hm.ema_dynamics(params, params, 0.99, 1.0))
