@@ -152,6 +152,32 @@ class BaseWriter:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+class ResumeGate:
+    """On resume, skips scalar records at or below the last step the previous run already wrote.
+
+    A job restarted from a checkpoint at step S replays steps S+1.. that the killed job may have
+    logged already; the first copy is kept, so steps are neither duplicated nor reordered.
+    """
+
+    def __init__(self, name: str, last_step: int | None) -> None:
+        self.name = name
+        self.last_step = last_step
+        self.skipped = 0
+
+    def allows(self, step: int) -> bool:
+        if self.last_step is None or step > self.last_step:
+            return True
+        self.skipped += 1
+        if self.skipped == 1:
+            log.warning(
+                "%s: resuming after step %d, already written by the previous run; records up to that step "
+                "are skipped",
+                self.name,
+                self.last_step,
+            )
+        return False
+
+
 def check_step(step: Any) -> int:
     """An int step; floats with an integral value are accepted, anything else is an error."""
     if isinstance(step, bool):

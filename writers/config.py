@@ -18,6 +18,7 @@ entry-point group ``hjepa_metrics.writers``; the entry point's name is the backe
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
@@ -28,12 +29,14 @@ from .background import BackgroundWriter
 from .base import Writer, missing_extra
 from .multi import MultiWriter
 
+log = logging.getLogger("writers.config")
+
 ENV_PREFIX = "HJEPA_METRICS_"
 ENTRY_POINT_GROUP = "hjepa_metrics.writers"
 DEFAULT_BACKENDS = ("tensorboard", "jsonl")
 
 TOP_KEYS = frozenset(
-    {"experiment_name", "log_dir", "backends", "strict", "background", "max_queue", "when_full"}
+    {"experiment_name", "log_dir", "backends", "strict", "background", "max_queue", "when_full", "resume"}
 )
 SECTION_KEYS: dict[str, frozenset[str]] = {
     "tensorboard": frozenset({"enabled", "log_dir", "flush_secs"}),
@@ -51,7 +54,7 @@ def _tensorboard(section: Mapping[str, Any], common: Mapping[str, Any]) -> Write
     from .tensorboard import TensorBoardWriter
 
     logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
-    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)))
+    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)), resume=common["resume"])
 
 
 def _wandb(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
@@ -66,6 +69,7 @@ def _wandb(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
         dir=section.get("dir") or common["log_dir"],
         run_id=section.get("run_id"),
         resume=section.get("resume"),
+        resume_run=common["resume"],
     )
 
 
@@ -80,13 +84,16 @@ def _mlflow(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
         run_name=section.get("run_name"),
         run_id=section.get("run_id"),
         tags=dict(tags) if isinstance(tags, Mapping) else {t: "" for t in _as_list(tags) or []},
+        resume=common["resume"],
     )
 
 
 def _jsonl(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
     from .jsonl import JSONLWriter
 
-    return JSONLWriter(section.get("path") or Path(common["log_dir"]) / "metrics.jsonl")
+    return JSONLWriter(
+        section.get("path") or Path(common["log_dir"]) / "metrics.jsonl", resume=common["resume"]
+    )
 
 
 BUILTIN: dict[str, Factory] = {
@@ -213,9 +220,15 @@ def build_writers(
     cfg = load_config(config)
     names = selected_backends(cfg)
     experiment = str(cfg.get("experiment_name") or "hjepa")
-    common = {"experiment_name": experiment, "log_dir": str(cfg.get("log_dir") or Path("runs") / experiment)}
+    common = {
+        "experiment_name": experiment,
+        "log_dir": str(cfg.get("log_dir") or Path("runs") / experiment),
+        "resume": _truthy(cfg.get("resume", False)),
+    }
     known = available_backends()
+    strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
     writers: list[Writer] = []
+    failed: list[str] = []
     try:
         for name in names:
             section = cfg.get(name) or {}
@@ -227,12 +240,27 @@ def build_writers(
                     f"config[{name!r}]: unknown keys {sorted(set(section) - valid)}; "
                     f"expected some of {sorted(valid)}"
                 )
-            writers.append(known[name](section, common))
+            try:
+                writers.append(known[name](section, common))
+            except (ImportError, ValueError, TypeError):
+                raise  # a missing extra or a bad option: the user must fix the config
+            except Exception as exc:
+                if strict_mode:
+                    raise
+                # a backend that cannot start (server down, service crash) must not stop training
+                failed.append(name)
+                log.warning(
+                    "writer %r failed to start (%s: %s); training goes on with %s",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    [w.name for w in writers] or "no writer",
+                    exc_info=exc,
+                )
     except BaseException:
         for made in writers:
             made.close()
         raise
-    strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
     if _truthy(cfg.get("background", True)):
         writers = [
             BackgroundWriter(
@@ -243,6 +271,8 @@ def build_writers(
             )
             for w in writers
         ]
-    if len(writers) == 1 and not strict_mode:
+    if len(writers) == 1 and not strict_mode and not failed:
         return writers[0]
-    return MultiWriter(writers, strict=strict_mode)
+    multi = MultiWriter(writers, strict=strict_mode)
+    multi.failed_to_start.extend(failed)
+    return multi

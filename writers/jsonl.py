@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, png_size, safe_filename
-from .base import BaseWriter, LayoutDict, check_step, redact
+from .base import BaseWriter, LayoutDict, ResumeGate, check_step, redact
 
 log = logging.getLogger("writers.jsonl")
 
@@ -77,7 +77,9 @@ class JSONLWriter(BaseWriter):
 
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike[str], *, buffer_bytes: int = _BUFFER_BYTES) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, buffer_bytes: int = _BUFFER_BYTES, resume: bool = False
+    ) -> None:
         p = Path(path)
         if p.suffix not in (".jsonl", ".json", ".ndjson"):
             p = p / DEFAULT_FILENAME
@@ -88,11 +90,15 @@ class JSONLWriter(BaseWriter):
         self._buffer = bytearray()
         self._buffer_bytes = buffer_bytes
         _cut_torn_tail(p)
+        last = _last_step(p) if resume else None
+        self.gate = ResumeGate(self.name, last)
         self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         super().__init__()
 
     # -- records
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        if not self.gate.allows(check_step(step)):
+            return
         record = {
             "step": check_step(step),
             "wall_time": time.time() if wall_time is None else float(wall_time),
@@ -151,13 +157,10 @@ class JSONLWriter(BaseWriter):
                 self._write_buffer()
 
     def _write_buffer(self) -> None:
-        view = memoryview(self._buffer)
-        written = 0
-        try:
-            while written < len(view):
-                written += os.write(self._fd, view[written:])
-        finally:
-            view.release()
+        # No memoryview here: one held by a failed write's traceback would pin the buffer, and every
+        # later append would fail. A failed write keeps the unwritten bytes for the next attempt.
+        while self._buffer:
+            written = os.write(self._fd, self._buffer)
             del self._buffer[:written]
 
     def flush(self) -> None:
@@ -176,6 +179,14 @@ class JSONLWriter(BaseWriter):
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _last_step(path: Path) -> int | None:
+    """The highest step among the scalar records of an existing file."""
+    if not path.exists():
+        return None
+    steps = [r["step"] for r in read_jsonl(path) if "metrics" in r and isinstance(r.get("step"), int)]
+    return max(steps) if steps else None
 
 
 def _cut_torn_tail(path: Path) -> None:

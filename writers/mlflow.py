@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, safe_filename
-from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra, redact
+from .base import BaseWriter, LayoutDict, ResumeGate, check_step, flatten, missing_extra, redact
 
 log = logging.getLogger("writers.mlflow")
 
+RUN_ID_FILE = "mlflow_run_id"
+LAST_STEP_TAG = "hjepa_metrics.last_step"
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_KEY_LENGTH = 250
@@ -79,10 +81,13 @@ class MLflowWriter(BaseWriter):
     ``<logdir>/mlartifacts``; any tracking URI works (a server included).
 
     Metrics are buffered and sent with ``log_batch`` (≤ 1000 per call) when the buffer is full and on
-    ``flush()``. Keys are sanitized (see :func:`sanitize_key`) with collisions detected. Images and
-    histograms (which MLflow cannot plot) become artifacts under ``images/`` and ``histograms/``; the
-    layout is ``tensorboard_layout.json``. The run ends FAILED if the process dies of an exception or
-    the ``with`` block raises, FINISHED otherwise. Note: sqlite stores ±inf as ±1.797e308.
+    ``flush()``; a batch that fails (a locked database, a server down) stays buffered and is sent again
+    with the next batch or flush. Keys are sanitized (see :func:`sanitize_key`) with collisions
+    detected. Images and histograms (which MLflow cannot plot) become artifacts under ``images/`` and
+    ``histograms/``; the layout is ``tensorboard_layout.json``. The run ends FAILED if the process dies
+    of an exception or the ``with`` block raises, FINISHED otherwise. The run id is kept in
+    ``<logdir>/mlflow_run_id``: ``resume=True`` reopens that run and skips steps it already holds.
+    Note: sqlite stores ±inf as ±1.797e308.
     """
 
     name = "mlflow"
@@ -97,6 +102,7 @@ class MLflowWriter(BaseWriter):
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         buffer_size: int = MAX_METRICS_PER_BATCH,
+        resume: bool = False,
     ) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         try:
@@ -106,16 +112,22 @@ class MLflowWriter(BaseWriter):
             raise missing_extra("MLflow", "mlflow") from exc
         self._Metric, self._Param = Metric, Param
         root = Path(logdir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
         artifact_location = None
         if tracking_uri is None:
-            root.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
             artifact_location = (root / "mlartifacts").as_uri()
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        id_file = root / RUN_ID_FILE
+        if run_id is None and resume and id_file.exists():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        last_step: int | None = None
         if run_id is not None:
             run = self.client.get_run(run_id)
             self.client.update_run(run_id, status="RUNNING")
+            if resume and LAST_STEP_TAG in run.data.tags:
+                last_step = int(run.data.tags[LAST_STEP_TAG])
         else:
             experiment = self.client.get_experiment_by_name(experiment_name)
             experiment_id = (
@@ -125,6 +137,8 @@ class MLflowWriter(BaseWriter):
             )
             run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id: str = run.info.run_id
+        id_file.write_text(self.run_id, encoding="utf-8")  # what resume=True reopens
+        self.gate = ResumeGate(self.name, last_step)
         self.keys = KeyMapper()
         self._buffer: list[Any] = []
         self._buffer_size = max(1, min(buffer_size, MAX_METRICS_PER_BATCH))
@@ -132,6 +146,8 @@ class MLflowWriter(BaseWriter):
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         step = check_step(step)
+        if not self.gate.allows(step):
+            return
         millis = int(1000 * (time.time() if wall_time is None else wall_time))
         for tag, value in metrics.items():
             self._buffer.append(self._Metric(self.keys(str(tag)), float(value), millis, step))
@@ -142,7 +158,8 @@ class MLflowWriter(BaseWriter):
         while self._buffer:
             batch = self._buffer[:MAX_METRICS_PER_BATCH]
             self.client.log_batch(self.run_id, metrics=batch)
-            del self._buffer[: len(batch)]
+            del self._buffer[: len(batch)]  # only once sent: a failed batch is retried, never lost
+            self.client.set_tag(self.run_id, LAST_STEP_TAG, str(max(m.step for m in batch)))
 
     def _artifact(self, folder: str | None, filename: str, data: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="hjepa-mlflow-") as tmp:

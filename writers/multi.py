@@ -27,14 +27,16 @@ class MultiWriter(BaseWriter):
             raise ValueError(f"writers: got two writers named {dupes}; give each writer a distinct name")
         self.strict = strict
         self._errors: Counter[str] = Counter()
+        self.failed_to_start: list[str] = []
         super().__init__()
         for writer in self.writers:
             crash_watch.adopt(writer)
 
     @property
     def errors(self) -> Counter[str]:
-        """Failed calls per writer name, those of background writers included."""
-        counts = Counter(self._errors)
+        """Failed calls per writer name, those of background writers and backends that failed to start
+        (counted once) included."""
+        counts = Counter(self._errors) + Counter(self.failed_to_start)
         for writer in self.writers:
             background = getattr(writer, "errors", None)
             if isinstance(background, int) and background:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ._media import histogram, image_png, png_size
-from .base import BaseWriter, LayoutDict, check_step, flatten, missing_extra, redact
+from .base import BaseWriter, LayoutDict, ResumeGate, check_step, flatten, missing_extra, redact
 
 log = logging.getLogger("writers.tensorboard")
 
@@ -67,6 +67,18 @@ def layout_proto(layout: LayoutDict) -> Any:
     return proto
 
 
+def last_step(logdir: Path) -> int | None:
+    """The highest step of a scalar summary in the event files directly in ``logdir``."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    best: int | None = None
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if event.HasField("summary") and any(v.HasField("simple_value") for v in event.summary.value):
+                best = event.step if best is None else max(best, event.step)
+    return best
+
+
 class TensorBoardWriter(BaseWriter):
     """Writes ``logdir/events.out.tfevents.*`` with tensorboard's ``EventFileWriter`` (no torch import).
 
@@ -78,11 +90,17 @@ class TensorBoardWriter(BaseWriter):
     name = "tensorboard"
 
     def __init__(
-        self, logdir: str | os.PathLike[str], *, flush_secs: int = 30, max_queue: int = 1000
+        self,
+        logdir: str | os.PathLike[str],
+        *,
+        flush_secs: int = 30,
+        max_queue: int = 1000,
+        resume: bool = False,
     ) -> None:
         self._p = _protos()
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        self.gate = ResumeGate(self.name, last_step(self.logdir) if resume else None)
         self._writer = self._p.EventFileWriter(
             str(self.logdir), max_queue_size=max_queue, flush_secs=flush_secs
         )
@@ -98,6 +116,8 @@ class TensorBoardWriter(BaseWriter):
         self._writer.add_event(event)
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        if not self.gate.allows(check_step(step)):
+            return
         value = self._p.summary_pb2.Summary.Value
         values = []
         for tag, v in metrics.items():

@@ -6,16 +6,19 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_hwc, is_figure
-from .base import BaseWriter, LayoutDict, check_step, missing_extra, redact
+from .base import BaseWriter, LayoutDict, ResumeGate, check_step, missing_extra, redact
 
 log = logging.getLogger("writers.wandb")
 
 STEP_KEY = "global_step"
+RUN_ID_FILE = "wandb_run_id"
+LAST_STEP_FILE = "wandb_last_step"
 LAYOUT_FILE = "custom_scalars_layout.json"
 
 
@@ -29,6 +32,8 @@ class WandbWriter(BaseWriter):
     ``summaries`` maps metric names or globs to a W&B summary (``"min"``, ``"max"``, ``"mean"``,
     ``"last"``). W&B has no custom-scalars layout: it is saved as ``custom_scalars_layout.json`` in
     the run's files, and W&B groups panels by the tag's first path component by itself.
+    The run id and last step are kept in ``dir``: ``resume_run=True`` continues that run
+    (``wandb.init(id=..., resume="allow")``) and skips the steps it already holds.
     """
 
     name = "wandb"
@@ -46,6 +51,7 @@ class WandbWriter(BaseWriter):
         run_id: str | None = None,
         resume: str | bool | None = None,
         summaries: Mapping[str, str] | None = None,
+        resume_run: bool = False,
         **init_kwargs: Any,
     ) -> None:
         try:
@@ -54,8 +60,17 @@ class WandbWriter(BaseWriter):
             raise missing_extra("W&B", "wandb") from exc
         wandb: Any = wandb_module  # wandb's Literal-typed arguments are checked by wandb at run time
         self._wandb = wandb
-        if dir is not None:
-            Path(dir).mkdir(parents=True, exist_ok=True)
+        self.state_dir = Path(dir if dir is not None else ".")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.state_dir / RUN_ID_FILE
+        last_step: int | None = None
+        if resume_run:
+            if run_id is None and id_file.exists():
+                run_id = id_file.read_text(encoding="utf-8").strip()
+            resume = resume or "allow"
+            step_file = self.state_dir / LAST_STEP_FILE
+            if step_file.exists():
+                last_step = int(step_file.read_text(encoding="utf-8").strip())
         self.run: Any = wandb.init(
             project=project,
             entity=entity,
@@ -68,6 +83,9 @@ class WandbWriter(BaseWriter):
             resume=resume,
             **init_kwargs,
         )
+        id_file.write_text(str(self.run.id), encoding="utf-8")  # what resume_run=True reopens
+        self.gate = ResumeGate(self.name, last_step)
+        self._state_written = 0.0
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
         for pattern, summary in (summaries or {}).items():
@@ -106,10 +124,21 @@ class WandbWriter(BaseWriter):
         self._last_step = self._row_step if self._last_step is None else max(self._last_step, self._row_step)
         self._row = {}
         self._row_step = None
+        if time.monotonic() - self._state_written > 1.0:
+            self._save_last_step()
+
+    def _save_last_step(self) -> None:
+        """Persist the last step for ``resume_run`` (at most once a second, and at flush/close)."""
+        if self._last_step is not None:
+            tmp = self.state_dir / (LAST_STEP_FILE + ".tmp")
+            tmp.write_text(str(self._last_step), encoding="utf-8")
+            os.replace(tmp, self.state_dir / LAST_STEP_FILE)
+            self._state_written = time.monotonic()
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         del wall_time  # W&B stamps rows itself
-        self._add(step, {str(k): float(v) for k, v in metrics.items()})
+        if self.gate.allows(check_step(step)):
+            self._add(step, {str(k): float(v) for k, v in metrics.items()})
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         h = histogram(values, name=tag)
@@ -136,9 +165,11 @@ class WandbWriter(BaseWriter):
 
     def flush(self) -> None:
         self._commit()
+        self._save_last_step()
 
     def _close(self, failed: bool) -> None:
         self._commit()
+        self._save_last_step()
         self.run.finish(exit_code=1 if failed else 0)
         if self._wandb.run is None:
             # wandb-core lingers until teardown; stop it when no other run of this process needs it
