@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ._tensor import ArrayLike, accumulate_dtype, as_features, to_host
+from ._tensor import ArrayLike, accumulate_dtype, as_features, host_list, to_host
+from .distributed import slots
 
 EPS = 1e-8
 # Keeps each float64 chunk near 8 MB, whatever D is.
@@ -123,6 +124,46 @@ class CollapseAccumulator:
                 idx = torch.topk(keys, keep, largest=False).indices
                 rows, keys = rows.index_select(0, idx), keys.index_select(0, idx)
         self._sample, self._sample_keys = rows, keys
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        """This rank's state as tensors whose SUM over ranks is the global state (see :meth:`load_sync`)."""
+        del device  # the state lives where the features were
+        if self.gram is None:
+            raise ValueError("features: no batch was given on this rank; every rank must call with features")
+        assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
+        assert self.nonfinite_rows is not None
+        k, d = self.max_similarity_rows, self.gram.shape[0]
+        sample = torch.zeros(k, d, dtype=self.gram.dtype, device=self.gram.device)
+        keys = torch.zeros(k, dtype=self.gram.dtype, device=self.gram.device)
+        n = 0 if self._sample is None else self._sample.shape[0]
+        if self._sample is not None and self._sample_keys is not None:
+            sample[:n] = self._sample.to(sample.device, sample.dtype)
+            keys[:n] = self._sample_keys.to(keys.device, keys.dtype)
+        count = torch.tensor([float(self.count), float(n)], dtype=self.gram.dtype, device=self.gram.device)
+        return [
+            self.gram,
+            self.row_sum,
+            self.sq_norm_sum,
+            self.fourth_sum,
+            self.nonfinite_rows,
+            slots(count, rank, world),
+            slots(sample, rank, world),
+            slots(keys, rank, world),
+        ]
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        """Take the summed :meth:`sync_parts`; the ``max_similarity`` sample merges every rank's sample."""
+        self.gram, self.row_sum, self.sq_norm_sum, self.fourth_sum, self.nonfinite_rows = parts[:5]
+        counts, samples, keys = parts[5], parts[6], parts[7]
+        per_rank = host_list(counts)  # [count_0, n_0, count_1, n_1, ...]
+        self.count = int(sum(per_rank[0::2]))
+        sizes = [int(n) for n in per_rank[1::2]]
+        rows = torch.cat([samples[r, :n] for r, n in enumerate(sizes)])
+        row_keys = torch.cat([keys[r, :n] for r, n in enumerate(sizes)])
+        if row_keys.shape[0] > self.max_similarity_rows:
+            idx = torch.topk(row_keys, self.max_similarity_rows, largest=False).indices
+            rows, row_keys = rows.index_select(0, idx), row_keys.index_select(0, idx)
+        self._sample, self._sample_keys = rows, row_keys
 
     def compute(self, level: int = 0) -> dict[str, torch.Tensor | float]:
         """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""

@@ -18,8 +18,10 @@ from ._params import NamedTensors
 from ._tensor import ArrayLike, Scalar, as_features, level_list, scalar_tensor, to_host
 from .alerts import Alert, AlertMonitor
 from .collapse import CollapseAccumulator
+from .distributed import all_reduce_sum, collective_device, rank_and_world
 from .layout import guide_layout
 from .losses import checked_weights
+from .masking import masked_totals, masking_from_totals
 from .prediction import PredictionAccumulator, checked_level_pairs
 
 log = logging.getLogger("hjepa_metrics")
@@ -114,12 +116,16 @@ class HJEPAMetricsLogger:
         write_layout: bool = True,
         per_parameter_gradients: bool = False,
         max_similarity_rows: int = 1024,
+        distributed: bool = True,
     ) -> None:
         if num_hierarchies < 1:
             raise ValueError(f"num_hierarchies: got {num_hierarchies}; expected >= 1")
         if hierarchy_weights is not None:
             checked_weights(hierarchy_weights, num_hierarchies)
-        self.writer = _resolve_writer(writers, config, metrics_logger)
+        self.distributed = distributed
+        rank, _ = rank_and_world() if distributed else (0, 1)
+        # Under torch.distributed only rank 0 writes: other ranks build no backend (no duplicate runs).
+        self.writer = _resolve_writer(writers, config, metrics_logger) if rank == 0 else BaseWriter()
         self.num_hierarchies = num_hierarchies
         self.hierarchy_weights = list(hierarchy_weights) if hierarchy_weights is not None else None
         self.prefix = prefix
@@ -174,6 +180,24 @@ class HJEPAMetricsLogger:
         """Run configuration / hyper-parameters."""
         self.writer.log_config(config)
 
+    def _world(self) -> tuple[int, int]:
+        return rank_and_world() if self.distributed else (0, 1)
+
+    def _reduced(self, accumulators: Sequence[Any]) -> None:
+        """Sum the accumulators' statistics over all ranks with one packed all-reduce (no-op alone)."""
+        rank, world = self._world()
+        if world == 1:
+            return
+        device = collective_device()
+        groups = [acc.sync_parts(rank, world, device) for acc in accumulators]
+        summed = iter(all_reduce_sum([part for group in groups for part in group]))
+        for acc, group in zip(accumulators, groups, strict=True):
+            acc.load_sync([next(summed) for _ in group])
+
+    def _collapse_accumulator(self) -> CollapseAccumulator:
+        rank, _ = self._world()
+        return CollapseAccumulator(max_similarity_rows=self.max_similarity_rows, seed=rank)
+
     # -- the guide's methods
     def log_hierarchical_losses(
         self, loss_dict: Mapping[str, Scalar], global_step: int | None = None, prefix: str | None = None
@@ -190,7 +214,12 @@ class HJEPAMetricsLogger:
         global_step: int | None = None,
         prefix: str | None = None,
     ) -> dict[str, float]:
-        return self._emit(mf.masking_statistics(mask, num_patches=num_patches), global_step, prefix)
+        masked, batch, total = masked_totals(mask, num_patches)
+        batches = torch.tensor(float(batch), dtype=torch.float64)
+        if self._world()[1] > 1:  # the mean over the global batch
+            masked, batches = all_reduce_sum([masked, batches])
+        values = to_host({"masked": masked, "batch": batches})
+        return self._emit(masking_from_totals(values["masked"], values["batch"], total), global_step, prefix)
 
     def log_prediction_quality(
         self,
@@ -204,16 +233,20 @@ class HJEPAMetricsLogger:
         preds = level_list(predictions, "predictions")
         targs = level_list(targets, "targets")
         n = self.num_hierarchies
-        if len(preds) > n and len(preds) % n == 0 and len(targs) == len(preds):
-            states = [PredictionAccumulator() for _ in range(n)]
-            for i, (p, t) in enumerate(checked_level_pairs(preds, targs)):
-                states[i % n].update(p, t)
-            raw: dict[str, torch.Tensor | float] = {}
-            for level, state in enumerate(states):
-                raw.update(state.compute(level))
-            return self._emit(to_host(raw), global_step, prefix)
-        self._check_levels(len(preds), "predictions")
-        return self._emit(mf.prediction_quality(preds, targs), global_step, prefix)
+        if not (len(preds) > n and len(preds) % n == 0 and len(targs) == len(preds)):
+            self._check_levels(len(preds), "predictions")
+        states = [PredictionAccumulator() for _ in range(n)]
+        for i, (p, t) in enumerate(checked_level_pairs(preds, targs)):
+            if p.numel() == 0:
+                log.warning(
+                    "prediction_quality: level %d is empty (shape %s); skipped", i % n, tuple(p.shape)
+                )
+            states[i % n].update(p, t)
+        self._reduced(states)
+        raw: dict[str, torch.Tensor | float] = {}
+        for level, state in enumerate(states):
+            raw.update(state.compute(level))
+        return self._emit(to_host(raw), global_step, prefix)
 
     def log_collapse_metrics(
         self, features: ArrayLike, level: int = 0, global_step: int | None = None, prefix: str | None = None
@@ -221,8 +254,12 @@ class HJEPAMetricsLogger:
         x = as_features(features, "features")
         if self.monitor is not None:
             self.monitor.feature_dims[level] = int(x.shape[-1])
-        values = mf.collapse_metrics(x, level=level, max_similarity_rows=self.max_similarity_rows)
-        return self._emit(values, global_step, prefix)
+        if x.numel() == 0:
+            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
+        state = self._collapse_accumulator()
+        state.update(x)
+        self._reduced([state])
+        return self._emit(to_host(state.compute(level)), global_step, prefix)
 
     def log_gradient_flow(
         self, model: NamedTensors, global_step: int | None = None, prefix: str | None = None
@@ -373,14 +410,14 @@ class ValidationAccumulator:
                 x = as_features(f, f"features[{level}]")
                 if self.logger.monitor is not None:
                     self.logger.monitor.feature_dims[level] = int(x.shape[-1])
-                collapse = self.collapse.setdefault(
-                    level, CollapseAccumulator(max_similarity_rows=self.logger.max_similarity_rows)
-                )
+                collapse = self.collapse.setdefault(level, self.logger._collapse_accumulator())
                 collapse.update(x)
         self.batches += 1
 
     def log(self, global_step: int | None = None) -> dict[str, float]:
-        """Write one value per tag under the prefix; returns what was written."""
+        """Write one value per tag under the prefix; returns what was written. Under torch.distributed
+        every rank calls it, and the statistics of all ranks are summed with one all-reduce."""
+        self.logger._reduced([*self.predictions, *(self.collapse[k] for k in sorted(self.collapse))])
         raw: dict[str, torch.Tensor | float] = {}
         for level, state in enumerate(self.predictions):
             raw.update(state.compute(level))

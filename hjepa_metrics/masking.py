@@ -17,6 +17,25 @@ def masking_statistics(
     ``mask`` is ``[B, N]`` (nonzero/True = masked) or ``[B, K, N]`` for K target blocks, which are
     OR-ed over K; a list of ``[B, N]`` masks is treated as K blocks. ``num_patches`` defaults to N.
     """
+    masked_total, batch, total = masked_totals(mask, num_patches)
+    out = to_host({"masked": masked_total})
+    return masking_from_totals(out["masked"], batch, total)
+
+
+def masking_from_totals(masked_total: float, batch: float, num_patches: int) -> dict[str, float]:
+    """The ``masking/*`` tags from the masked-patch total over ``batch`` samples."""
+    mean = masked_total / batch
+    return {
+        "masking/mask_ratio": mean / num_patches,
+        "masking/num_masked_patches": mean,
+        "masking/num_unmasked_patches": num_patches - mean,
+    }
+
+
+def masked_totals(
+    mask: ArrayLike | Sequence[ArrayLike], num_patches: int | None = None
+) -> tuple[torch.Tensor, int, int]:
+    """``(masked patches summed over the batch (a float64 0-d tensor), B, num_patches)``."""
     if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
         if not mask:
             raise ValueError("mask: got an empty list; expected [B, N] masks")
@@ -40,11 +59,4 @@ def masking_statistics(
     total = n if num_patches is None else int(num_patches)
     if total < n:
         raise ValueError(f"num_patches: got {total}; expected at least the mask's patch dim {n}")
-    mean_masked = masked.sum(dim=-1, dtype=torch.float64).mean()
-    out = to_host({"masking/num_masked_patches": mean_masked})
-    m_host = out["masking/num_masked_patches"]
-    return {
-        "masking/mask_ratio": m_host / total,
-        "masking/num_masked_patches": m_host,
-        "masking/num_unmasked_patches": total - m_host,
-    }
+    return masked.sum(dtype=torch.float64), int(masked.shape[0]), total

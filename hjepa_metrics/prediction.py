@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, level_list, to_host
+from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, host_list, level_list, to_host
+from .distributed import slots
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,31 @@ class PredictionAccumulator:
             self._min = torch.minimum(self._min, low.to(self._min.device))
             self._max = torch.maximum(self._max, high.to(self._max.device))
         self.count += cos.numel()
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        """This rank's sums, count and (in per-rank slots) min/max, for one summed all-reduce."""
+        acc = accumulate_dtype(device)
+        sums = self._sums if self._sums is not None else torch.zeros(5, dtype=acc, device=device)
+        present = self._min is not None and self._max is not None
+        extremes = torch.stack(
+            [self._min.to(device, acc), self._max.to(device, acc)]
+            if self._min is not None and self._max is not None
+            else [torch.zeros((), dtype=acc, device=device)] * 2
+        )
+        info = torch.tensor([float(self.count), 1.0 if present else 0.0], dtype=acc, device=device)
+        return [sums.to(device, acc), slots(extremes, rank, world), slots(info, rank, world)]
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        sums, extremes, info = parts
+        per_rank = host_list(info)  # [count_0, present_0, count_1, present_1, ...]
+        present = [r for r in range(len(per_rank) // 2) if per_rank[2 * r + 1] > 0]
+        self.count = int(sum(per_rank[0::2]))
+        if not present:
+            self._sums = self._min = self._max = None
+            return
+        self._sums = sums
+        self._min = extremes[present, 0].min()
+        self._max = extremes[present, 1].max()
 
     def compute(self, level: int) -> dict[str, torch.Tensor | float]:
         if self._sums is None or self._min is None or self._max is None:
