@@ -175,3 +175,57 @@ def test_secrets_never_reach_a_backend_or_a_log(tmp_path: Path, caplog: pytest.L
     cfg = next(r for r in records if r.get("kind") == "config")["config"]
     assert cfg["model"] == {"dim": 64} and cfg["db"]["host"] == "localhost"
     assert cfg["hf_token"] == "***REDACTED***"
+
+
+def test_exception_in_the_training_loop_marks_runs_failed(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import wandb_reader
+    from mlflow.tracking import MlflowClient
+
+    script = textwrap.dedent(
+        f"""
+        from hjepa_metrics import HJEPAMetricsLogger
+        logger = HJEPAMetricsLogger(config={{"log_dir": {str(tmp_path)!r},
+            "backends": ["jsonl", "mlflow", "wandb"], "wandb": {{"mode": "offline", "project": "p"}}}})
+        logger.log_scalars({{"loss/total": 1.0}}, global_step=1)
+        raise RuntimeError("NaN loss, giving up")
+        """
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and "NaN loss, giving up" in out.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    run_id = (tmp_path / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_metric_history(run_id, "train/loss/total")[0].value == 1.0
+    assert wandb_reader.exit_codes(tmp_path) == [1]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["metrics"] == {"train/loss/total": 1.0}
+
+
+def test_no_network_beyond_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from hjepa_metrics.examples import train_hjepa
+
+    seen: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        seen.append(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    train_hjepa.main(
+        [
+            "--steps",
+            "3",
+            "--log-dir",
+            str(tmp_path),
+            "--backends",
+            "jsonl,tensorboard,mlflow,wandb",
+            "--no-progress",
+        ]
+    )
+    external = [a for a in seen if isinstance(a, tuple) and a[0] not in ("127.0.0.1", "localhost", "::1")]
+    assert external == []
