@@ -36,8 +36,10 @@ class AlertMonitor:
         *,
         num_hierarchies: int,
         on_alert: Callable[[Alert], None] | None = None,
+        log_alerts: bool = True,
     ) -> None:
         self.num_hierarchies = num_hierarchies
+        self.log_alerts = log_alerts
         self.on_alert = on_alert
         self.fired: list[Alert] = []
         self.active: set[str] = set()
@@ -58,11 +60,12 @@ class AlertMonitor:
                     alert = Alert(tag, step, float(value), rule.describe())
                     new.append(alert)
             elif value == value:  # back in range (NaN says nothing either way)
-                if tag in self.active:
+                if tag in self.active and self.log_alerts:
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
                 self.active.discard(tag)
         for alert in new:
-            log.warning("alert: %s", alert)
+            if self.log_alerts:
+                log.warning("alert: %s", alert)
             self.fired.append(alert)
             if self.on_alert is not None:
                 self.on_alert(alert)

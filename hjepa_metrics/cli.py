@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from . import registry
 
@@ -77,8 +79,6 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     if args.format == "guide-json":
         text = json.dumps(layout.guide_layout(args.num_hierarchies, prefix=args.prefix), indent=2)
         if args.logdir:
-            from pathlib import Path
-
             path = Path(args.logdir) / "tensorboard_layout.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text + "\n", encoding="utf-8")
@@ -98,6 +98,31 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 
     proto = layout.tensorboard_layout(args.num_hierarchies, prefix=args.prefix)
     print(text_format.MessageToString(proto), end="")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from writers import build_writers
+
+    from .replay import replay
+
+    config: Any = args.config or {"backends": [args.to], "log_dir": args.log_dir, "background": False}
+    writer = build_writers(config)
+    try:
+        counts = replay(args.run, writer, num_hierarchies=args.num_hierarchies)
+    finally:
+        writer.close()
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    print(f"replayed {sum(counts.values())} records ({kinds})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    out = args.out or str(Path(args.run).with_suffix("")) + "_report"
+    report = build_report(args.run, out, num_hierarchies=args.num_hierarchies)
+    print(report.text())
     return 0
 
 
@@ -129,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_layout.set_defaults(func=_cmd_layout)
 
+    p_replay = sub.add_parser("replay", help="send a JSONL run into TensorBoard, MLflow, W&B or JSONL")
+    p_replay.add_argument("run", help="a metrics.jsonl file or the directory holding it")
+    p_replay.add_argument("--to", choices=("tensorboard", "mlflow", "wandb", "jsonl"), default="tensorboard")
+    p_replay.add_argument("--log-dir", default="runs/replay")
+    p_replay.add_argument("--config", help="a YAML/JSON logging config instead of --to/--log-dir")
+    p_replay.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
+    p_replay.set_defaults(func=_cmd_replay)
+
+    p_report = sub.add_parser(
+        "report", help="a training-health report (PNGs, alerts, summary) from a JSONL run"
+    )
+    p_report.add_argument("run", help="a metrics.jsonl file or the directory holding it")
+    p_report.add_argument("--out", help="output folder (default: next to the run, <run>_report)")
+    p_report.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
+    p_report.set_defaults(func=_cmd_report)
+
     # parsed by the example itself (see run_demo); listed here for --help
     sub.add_parser(
         "demo",
@@ -144,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
-    if getattr(args, "num_hierarchies", 1) < 1:
+    if (getattr(args, "num_hierarchies", 1) or 1) < 1:
         parser.error(f"--num-hierarchies: got {args.num_hierarchies}; expected >= 1")
     try:
         return int(args.func(args))

@@ -139,7 +139,10 @@ class Histogram:
 
 
 def histogram(values: Any, bins: int = 64, name: str = "values") -> Histogram:
-    """Histogram of the finite values (non-finite ones are dropped; an empty input has no buckets)."""
+    """Histogram of the finite values (non-finite ones are dropped; an empty input has no buckets).
+    A :class:`Histogram` (a replayed one, say) is returned as it is."""
+    if isinstance(values, Histogram):
+        return values
     arr = to_numpy(values, name).astype(np.float64, copy=False).ravel()
     arr = arr[np.isfinite(arr)]
     if arr.size == 0:

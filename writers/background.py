@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from ._media import image_png, is_figure, to_numpy
+from ._media import Histogram, image_png, is_figure, to_numpy
 from .base import BaseWriter, LayoutDict, Writer, check_step, crash_watch
 
 log = logging.getLogger("writers.background")
@@ -141,7 +141,8 @@ class BackgroundWriter(BaseWriter):
         self._put("log_scalars", dict(metrics), check_step(step), wall_time=stamped)
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
-        self._put("log_histogram", tag, to_numpy(values, tag).copy(), check_step(step))
+        snapshot = values if isinstance(values, Histogram) else to_numpy(values, tag).copy()
+        self._put("log_histogram", tag, snapshot, check_step(step))
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
         # matplotlib is not thread-safe: render figures here; copy arrays so training may reuse them

@@ -1,0 +1,173 @@
+"""A training-health report from a JSONL run: one PNG per dashboard category, the alerts, a summary."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from writers import read_jsonl
+
+from .alerts import Alert, AlertMonitor
+from .layout import layout_tree
+from .replay import levels_in
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote: the figures, the alerts in order, and the summary lines."""
+
+    out_dir: Path
+    figures: list[Path] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = ["Training-health report", "", *self.summary, ""]
+        lines.append(f"Alerts ({len(self.alerts)}):" if self.alerts else "Alerts: none")
+        lines += [f"  - {a}" for a in self.alerts]
+        lines += ["", f"Figures in {self.out_dir}:", *(f"  - {p.name}" for p in self.figures)]
+        return "\n".join(lines)
+
+
+def _series(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    raw: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for tag, value in r.get("metrics", {}).items():
+            raw.setdefault(tag, []).append((r["step"], float(value)))
+    return {t: (np.array([s for s, _ in v]), np.array([x for _, x in v])) for t, v in raw.items()}
+
+
+def _last(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str) -> float | None:
+    if tag not in series:
+        return None
+    finite = series[tag][1][np.isfinite(series[tag][1])]
+    return float(finite[-1]) if finite.size else None
+
+
+def summarize(
+    series: dict[str, tuple[np.ndarray, np.ndarray]], num_hierarchies: int, alerts: list[Alert]
+) -> list[str]:
+    """Collapse risk, clipping share and loss trend in a few sentences."""
+    lines = []
+    loss = series.get("train/loss/total")
+    if loss is not None and np.isfinite(loss[1]).sum() >= 2:
+        steps, values = loss[0][np.isfinite(loss[1])], loss[1][np.isfinite(loss[1])]
+        tail = max(2, len(values) // 5)
+        slope = float(np.polyfit(steps[-tail:], values[-tail:], 1)[0]) if np.ptp(steps[-tail:]) > 0 else 0.0
+        change = (values[-1] - values[0]) / abs(values[0]) if values[0] else math.nan
+        trend = "still decreasing" if slope < 0 else "flat or rising"
+        lines.append(
+            f"Loss: {values[0]:.4g} -> {values[-1]:.4g} ({100 * change:+.1f}%) "
+            f"over steps {steps[0]}-{steps[-1]}; "
+            f"{trend} at the end (slope {slope:.3g} per step over the last {tail} points)."
+        )
+    risks = []
+    for level in range(num_hierarchies):
+        tag = f"train/collapse/level{level}_"
+        std, sim, rank = (
+            _last(series, tag + k) for k in ("mean_std_per_dim", "mean_similarity", "effective_rank")
+        )
+        first_rank = series.get(tag + "effective_rank")
+        if std is None and sim is None:
+            continue
+        flags = []
+        if std is not None and std < 0.01:
+            flags.append(f"mean std per dim {std:.3g} < 0.01")
+        if sim is not None and sim > 0.7:
+            flags.append(f"mean similarity {sim:.3g} > 0.7")
+        if rank is not None and first_rank is not None and first_rank[1].size and first_rank[1][0] > 0:
+            drop = 1 - rank / first_rank[1][0]
+            if drop > 0.5:
+                flags.append(f"effective rank fell {100 * drop:.0f}% ({first_rank[1][0]:.3g} -> {rank:.3g})")
+        risks.append(f"level {level}: " + ("; ".join(flags) if flags else "no sign of collapse"))
+    if risks:
+        worst = (
+            "HIGH"
+            if any("<" in r or ">" in r for r in risks)
+            else ("MODERATE" if any("fell" in r for r in risks) else "LOW")
+        )
+        lines.append(f"Collapse risk: {worst} ({'; '.join(risks)}).")
+    clip = _last(series, "train/gradient/clipping_percentage")
+    if clip is not None:
+        verdict = "learning rate too high?" if clip > 50 else ("fine" if clip < 10 else "watch it")
+        lines.append(f"Gradient clipping: {clip:.1f}% of logged steps ({verdict}; the guide wants < 10%).")
+    lines.append(f"Alerts fired: {len(alerts)}.")
+    return lines
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def build_report(
+    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, num_hierarchies: int | None = None
+) -> Report:
+    """Write ``NN_<category>.png`` per guide dashboard category and ``report.md`` into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(path)
+    series = _series(records)
+    n = num_hierarchies or levels_in(series)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    monitor = AlertMonitor(num_hierarchies=n, log_alerts=False)
+    for r in records:
+        if "metrics" in r:
+            monitor.check(r["metrics"], r["step"])
+    report.alerts = list(monitor.fired)
+
+    for index, (category, charts) in enumerate(layout_tree(n), start=1):
+        # one panel per tag (train solid, val dashed): the guide's charts mix scales (rank next to std)
+        panels = [(title, tag) for title, tags in charts for tag in tags]
+        cols = min(4, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, (title, tag) in zip(axes.flat, panels, strict=False):
+            drawn = False
+            for prefix, style in (("train/", "-"), ("val/", "--")):
+                if prefix + tag in series:
+                    steps, values = series[prefix + tag]
+                    ax.plot(
+                        steps, values, style, marker="." if len(steps) < 30 else None, label=prefix.strip("/")
+                    )
+                    drawn = True
+            for alert in report.alerts:
+                if alert.tag in (f"train/{tag}", f"val/{tag}"):
+                    ax.axvline(alert.step, color="red", alpha=0.25, linewidth=1)
+            name = tag.split("/", 1)[-1]
+            ax.set_title(f"{title}: {name}" if title else name, fontsize=8)
+            ax.set_xlabel("step", fontsize=7)
+            ax.tick_params(labelsize=7)
+            if drawn:
+                ax.legend(fontsize=6)
+            else:
+                ax.text(
+                    0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray"
+                )
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
+        fig.suptitle(f"{category} (red: alert)" if report.alerts else category)
+        fig.tight_layout()
+        target = out / f"{index:02d}_{_slug(category)}.png"
+        fig.savefig(target, dpi=80)
+        plt.close(fig)
+        report.figures.append(target)
+
+    report.summary = summarize(series, n, report.alerts)
+    md = ["# Training-health report", "", f"Run: `{path}`", "", *(f"- {line}" for line in report.summary), ""]
+    md += ["## Alerts", ""] + (
+        [f"- step {a.step}: `{a.tag}` = {a.value:.6g} ({a.rule})" for a in report.alerts] or ["None."]
+    )
+    md += ["", "## Dashboard", ""] + [f"![{p.stem}]({p.name})" for p in report.figures]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return report
