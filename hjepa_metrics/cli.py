@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
-    if (getattr(args, "num_hierarchies", 1) or 1) < 1:
+    levels = getattr(args, "num_hierarchies", None)
+    if levels is not None and levels < 1:
         parser.error(f"--num-hierarchies: got {args.num_hierarchies}; expected >= 1")
     try:
         return int(args.func(args))

@@ -79,7 +79,7 @@ def test_report_writes_figures_alerts_and_summary(tmp_path: Path, capsys: pytest
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     pngs = sorted((tmp_path / "rep").glob("*.png"))
-    assert [p.name for p in pngs][0] == "01_loss_metrics.png" and len(pngs) == 9
+    assert pngs[0].name == "01_loss_metrics.png" and len(pngs) == 9
     assert all(Image.open(p).size[0] > 100 for p in pngs)
     # clipping 20, 60, 70, 30, 80: the > 50 rule fires on crossing, at steps 10 and 40 only
     assert "train/gradient/clipping_percentage = 60 at step 10" in out
