@@ -104,7 +104,7 @@ def test_plugin_fixture_and_assertions(hjepa_run: LoggedRun) -> None:
     assert hjepa_run.value_at("train/loss/total", 3) == 1.0
     with pytest.raises(AssertionError, match="never logged"):
         hjepa_run.assert_logged("train/nope")
-    with pytest.raises(AssertionError, match="is not decreasing: 2.0 -> 2.0"):
+    with pytest.raises(AssertionError, match=r"is not decreasing: 2\.0 -> 2\.0"):
         hjepa_run.assert_trend("train/loss/total", "decreasing", strict=True)
     with pytest.raises(AssertionError, match="has no value at step 9"):
         hjepa_run.value_at("train/loss/total", 9)
