@@ -7,22 +7,18 @@ keyed by the guide's tag without the ``train/``/``val/`` prefix.
 from __future__ import annotations
 
 from . import registry
+from .collapse import collapse_metrics
+from .ema import ema_dynamics
+from .gradients import gradient_clipping, gradient_flow
+from .hierarchy import hierarchy_feature_stats
+from .learning_rate import learning_rate
 from .logger import HJEPAMetricsLogger, HJEPATensorBoardLogger, ValidationAccumulator
-from .metric_functions import (
-    collapse_metrics,
-    ema_dynamics,
-    gradient_clipping,
-    gradient_flow,
-    hierarchical_losses,
-    hierarchy_feature_stats,
-    learning_rate,
-    masking_statistics,
-    performance_metrics,
-    prediction_quality,
-    training_stability,
-)
-from .performance import cuda_memory_metrics, timed
+from .losses import hierarchical_losses
+from .masking import masking_statistics
+from .performance import cuda_memory_metrics, performance_metrics, timed
+from .prediction import prediction_quality
 from .registry import tags
+from .stability import training_stability
 
 __version__ = "0.1.0"
 

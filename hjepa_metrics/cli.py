@@ -23,7 +23,12 @@ def tags_markdown(num_hierarchies: int = 3) -> str:
         "",
     ]
     for group in registry.GROUPS:
-        lines += [f"## {group}", "", "| tag | unit | meaning | dashboard | alert |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {group}",
+            "",
+            "| tag | unit | meaning | formula | dashboard | alert |",
+            "|---|---|---|---|---|---|",
+        ]
         for spec in registry.REGISTRY:
             if spec.group != group:
                 continue
@@ -33,7 +38,8 @@ def tags_markdown(num_hierarchies: int = 3) -> str:
                 meaning = spec.meaning.format(level=level, **_names(spec, match.name if match else None))
                 where = spec.category if spec.in_layout(level) and match else ""
                 alert = spec.alert.describe() if spec.alert else ""
-                lines.append(f"| `{tag}` | {spec.unit} | {meaning} | {where or ''} | {alert} |")
+                formula = spec.formula.replace("|", "\\|")
+                lines.append(f"| `{tag}` | {spec.unit} | {meaning} | {formula} | {where or ''} | {alert} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -56,6 +62,7 @@ def _cmd_tags(args: argparse.Namespace) -> int:
                     "unit": spec.unit,
                     "meaning": spec.meaning.format(level=match.level, **_names(spec, match.name)),
                     "category": spec.category if spec.in_layout(match.level) else None,
+                    "formula": spec.formula,
                     "alert": spec.alert.describe() if spec.alert else None,
                 }
             )

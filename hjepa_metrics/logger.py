@@ -13,16 +13,21 @@ import torch
 
 from writers import BaseWriter, MultiWriter, Writer, build_writers
 
-from . import metric_functions as mf
 from ._params import NamedTensors
 from ._tensor import ArrayLike, Scalar, as_features, level_list, scalar_tensor, to_host
 from .alerts import Alert, AlertMonitor
 from .collapse import CollapseAccumulator
 from .distributed import all_reduce_sum, collective_device, rank_and_world
+from .ema import ema_dynamics
+from .gradients import gradient_clipping, gradient_flow
+from .hierarchy import hierarchy_feature_stats
 from .layout import guide_layout
-from .losses import checked_weights
+from .learning_rate import learning_rate
+from .losses import checked_weights, hierarchical_losses
 from .masking import masked_totals, masking_from_totals
+from .performance import performance_metrics
 from .prediction import PredictionAccumulator, checked_level_pairs
+from .stability import training_stability
 
 log = logging.getLogger("hjepa_metrics")
 
@@ -202,7 +207,7 @@ class HJEPAMetricsLogger:
     def log_hierarchical_losses(
         self, loss_dict: Mapping[str, Scalar], global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        values = mf.hierarchical_losses(
+        values = hierarchical_losses(
             loss_dict, num_hierarchies=self.num_hierarchies, hierarchy_weights=self.hierarchy_weights
         )
         return self._emit(values, global_step, prefix)
@@ -264,7 +269,7 @@ class HJEPAMetricsLogger:
     def log_gradient_flow(
         self, model: NamedTensors, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        values = mf.gradient_flow(model, per_parameter=self.per_parameter_gradients)
+        values = gradient_flow(model, per_parameter=self.per_parameter_gradients)
         return self._emit(values, global_step, prefix)
 
     def log_gradient_clipping(
@@ -277,7 +282,7 @@ class HJEPAMetricsLogger:
     ) -> dict[str, float]:
         """Clipping around ``clip_grad_norm_``; ``clipping_percentage`` counts every call since
         construction (or :meth:`reset_clipping_stats`)."""
-        values = mf.gradient_clipping(
+        values = gradient_clipping(
             global_norm_before,
             global_norm_after,
             clip_threshold,
@@ -294,7 +299,7 @@ class HJEPAMetricsLogger:
     def log_learning_rate(
         self, optimizer: Any, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        return self._emit(mf.learning_rate(optimizer), global_step, prefix)
+        return self._emit(learning_rate(optimizer), global_step, prefix)
 
     def log_hierarchy_feature_stats(
         self,
@@ -304,7 +309,7 @@ class HJEPAMetricsLogger:
         prefix: str | None = None,
     ) -> dict[str, float]:
         self._check_levels(len(level_list(predictions, "predictions")), "predictions")
-        return self._emit(mf.hierarchy_feature_stats(predictions, targets), global_step, prefix)
+        return self._emit(hierarchy_feature_stats(predictions, targets), global_step, prefix)
 
     def log_training_stability(
         self,
@@ -318,7 +323,7 @@ class HJEPAMetricsLogger:
         if loss_history is None:
             self.loss_history.append(to_host({"loss": scalar_tensor(current_loss, "current_loss")})["loss"])
             loss_history = list(self.loss_history)
-        return self._emit(mf.training_stability(loss_history, current_loss), global_step, prefix)
+        return self._emit(training_stability(loss_history, current_loss), global_step, prefix)
 
     def log_performance_metrics(
         self,
@@ -329,7 +334,7 @@ class HJEPAMetricsLogger:
         prefix: str | None = None,
         device: torch.device | str | None = None,
     ) -> dict[str, float]:
-        values = mf.performance_metrics(batch_size, forward_time, backward_time, device=device)
+        values = performance_metrics(batch_size, forward_time, backward_time, device=device)
         return self._emit(values, global_step, prefix)
 
     def log_ema_dynamics(
@@ -341,7 +346,7 @@ class HJEPAMetricsLogger:
         global_step: int | None = None,
         prefix: str | None = None,
     ) -> dict[str, float]:
-        values = mf.ema_dynamics(context_encoder, target_encoder, current_momentum, target_momentum)
+        values = ema_dynamics(context_encoder, target_encoder, current_momentum, target_momentum)
         return self._emit(values, global_step, prefix)
 
     # -- validation

@@ -100,6 +100,7 @@ class TagSpec:
     alert: AlertRule | None = None
     defaults: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    formula: str = ""
 
     @property
     def per_level(self) -> bool:
@@ -160,6 +161,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Weighted sum of all hierarchy losses; should decrease",
         "Loss Metrics",
         "Hierarchical Losses",
+        formula="loss_dict['loss'] (Σ w_i·loss_h{i} plus any other terms)",
     ),
     TagSpec(
         "loss/h{level}",
@@ -168,6 +170,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Prediction loss of level {level} (unweighted); finest is h0, coarser levels decrease slightly",
         "Loss Metrics",
         "Hierarchical Losses",
+        formula="loss_dict['loss_h{level}']",
     ),
     TagSpec(
         "loss/unweighted",
@@ -176,6 +179,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Unweighted loss (given, or the mean of the level losses)",
         "Loss Metrics",
         "Hierarchical Losses",
+        formula="loss_dict['loss_unweighted'], else mean_i loss_h{i}",
     ),
     TagSpec(
         "loss/contribution_h{level}",
@@ -188,6 +192,7 @@ REGISTRY: tuple[TagSpec, ...] = (
             "imbalanced levels: adjust loss.hierarchy_weights",
             level_ranges=((50.0, 70.0), (25.0, 40.0), (5.0, 15.0)),
         ),
+        formula="100·w_l·loss_h{level} / Σ_j w_j·loss_h{j}",
     ),
     # --- EMA
     TagSpec(
@@ -196,8 +201,16 @@ REGISTRY: tuple[TagSpec, ...] = (
         "momentum",
         "EMA momentum in use; scheduled 0.996 -> 1.0",
         "EMA Dynamics",
+        formula="input",
     ),
-    TagSpec("ema/momentum_target", "ema", "momentum", "Final EMA momentum of the schedule", "EMA Dynamics"),
+    TagSpec(
+        "ema/momentum_target",
+        "ema",
+        "momentum",
+        "Final EMA momentum of the schedule",
+        "EMA Dynamics",
+        formula="input",
+    ),
     TagSpec(
         "ema/avg_parameter_divergence",
         "ema",
@@ -205,6 +218,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Mean L2 distance between target and context parameter tensors; should increase initially",
         "EMA Dynamics",
         aliases=("ema/parameter_divergence",),
+        formula="mean over tensors of ‖θ_target − θ_context‖₂ (matched by name)",
     ),
     TagSpec(
         "ema/weight_magnitude_ratio",
@@ -215,6 +229,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         alert=AlertRule(
             "target and context weights drifted apart (target ~0.95-1.05)", below=0.95, above=1.05
         ),
+        formula="‖θ_target‖₂ / ‖θ_context‖₂ (global norms)",
     ),
     # --- collapse
     TagSpec(
@@ -226,6 +241,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         _LEVEL_SCALE,
         alert=AlertRule(_COLLAPSE, below=0.01),
         aliases=("collapse/mean_std_per_dim",),
+        formula="mean_d std_d(û), û = rows / ‖row‖ (unbiased std)",
     ),
     TagSpec(
         "collapse/level{level}_min_std_per_dim",
@@ -234,6 +250,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Minimum per-dimension std of L2-normalized features",
         alert=AlertRule(_COLLAPSE, below=0.001),
         aliases=("collapse/min_std_per_dim",),
+        formula="min_d std_d(û)",
     ),
     TagSpec(
         "collapse/level{level}_effective_rank",
@@ -244,6 +261,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         _LEVEL_SCALE,
         alert=AlertRule("dimensional collapse", below=100.0, reference_dim=768),
         aliases=("collapse/effective_rank",),
+        formula="exp(−Σ p_k log p_k), p = σ/Σσ, σ² = eig(Ûcᵀ Ûc) in float64, Ûc centered",
     ),
     TagSpec(
         "collapse/level{level}_mean_similarity",
@@ -254,6 +272,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         _LEVEL_SCALE,
         alert=AlertRule("concerning: features align", above=0.7),
         aliases=("collapse/mean_similarity",),
+        formula="(‖Σû‖² − Σ‖û‖²) / (M(M−1))",
     ),
     TagSpec(
         "collapse/level{level}_std_similarity",
@@ -261,6 +280,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "cosine",
         "Exact std (unbiased) of the cosine similarity over all distinct pairs",
         aliases=("collapse/std_similarity",),
+        formula="unbiased std of û_i·û_j over i<j, from ‖ÛᵀÛ‖²_F − Σ‖û‖⁴",
     ),
     TagSpec(
         "collapse/level{level}_max_similarity",
@@ -268,6 +288,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "cosine",
         "Max cosine similarity over distinct pairs of a seeded sample of at most 1024 features",
         aliases=("collapse/max_similarity",),
+        formula="max_{i≠j} û_i·û_j over a seeded sample of ≤ 1024 rows",
     ),
     # --- prediction
     TagSpec(
@@ -279,6 +300,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Level {level} Similarity",
         alert=AlertRule("predictions do not match targets", below=0.7),
         aliases=("prediction/levelX_cosine_sim_mean",),
+        formula="mean over tokens of cos(p, t)",
     ),
     TagSpec(
         "prediction/level{level}_cosine_sim_std",
@@ -288,6 +310,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Prediction Quality",
         "Level {level} Similarity",
         aliases=("prediction/levelX_cosine_sim_std",),
+        formula="unbiased std over tokens of cos(p, t)",
     ),
     TagSpec(
         "prediction/level{level}_cosine_sim_min",
@@ -297,6 +320,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Prediction Quality",
         "Level {level} Similarity",
         layout_levels=(0,),
+        formula="min over tokens of cos(p, t)",
     ),
     TagSpec(
         "prediction/level{level}_cosine_sim_max",
@@ -306,6 +330,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Prediction Quality",
         "Level {level} Similarity",
         layout_levels=(0,),
+        formula="max over tokens of cos(p, t)",
     ),
     TagSpec(
         "prediction/level{level}_normalized_mse",
@@ -313,12 +338,14 @@ REGISTRY: tuple[TagSpec, ...] = (
         "squared distance",
         "Mean squared distance of L2-normalized prediction and target per token (0..4); decreasing",
         aliases=("prediction/levelX_normalized_mse",),
+        formula="mean over tokens of ‖p/‖p‖ − t/‖t‖‖² = 2(1 − cos)",
     ),
     TagSpec(
         "prediction/level{level}_l2_distance",
         "prediction",
         "L2 distance",
         "Mean L2 distance between raw predicted and target tokens",
+        formula="mean over tokens of ‖p − t‖₂",
     ),
     # --- gradient flow and clipping
     TagSpec(
@@ -327,6 +354,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "L2 norm",
         "Global L2 norm of all gradients (as clip_grad_norm_ returns); should decrease over training",
         "Gradient Flow",
+        formula="sqrt(Σ_t ‖g_t‖²)",
     ),
     TagSpec(
         "gradient_flow/{module}_mean",
@@ -335,6 +363,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Mean absolute gradient over the parameters of top-level module {module}",
         "Gradient Flow",
         defaults=("context_encoder", "predictor"),
+        formula="Σ|g| / numel over the module's parameters",
     ),
     TagSpec(
         "gradient_flow/{module}_max",
@@ -342,18 +371,21 @@ REGISTRY: tuple[TagSpec, ...] = (
         "abs(grad)",
         "Max absolute gradient over the parameters of top-level module {module}",
         defaults=("context_encoder", "predictor"),
+        formula="max |g| over the module's parameters",
     ),
     TagSpec(
         "gradients/{param}_mean",
         "gradient_flow",
         "abs(grad)",
         "Mean absolute gradient of tensor {param} (opt-in)",
+        formula="mean |g| of the tensor",
     ),
     TagSpec(
         "gradients/{param}_max",
         "gradient_flow",
         "abs(grad)",
         "Max absolute gradient of tensor {param} (opt-in)",
+        formula="max |g| of the tensor",
     ),
     TagSpec(
         "gradient/global_norm_before_clip",
@@ -361,6 +393,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "L2 norm",
         "Gradient norm before clipping; stable",
         "Gradient Flow",
+        formula="input (clip_grad_norm_'s return value)",
     ),
     TagSpec(
         "gradient/global_norm_after_clip",
@@ -368,11 +401,22 @@ REGISTRY: tuple[TagSpec, ...] = (
         "L2 norm",
         "Gradient norm after clipping (= clipping ratio * before)",
         "Gradient Flow",
+        formula="input",
     ),
     TagSpec(
-        "gradient/was_clipped", "gradient_clipping", "0/1", "1 when this step's norm exceeded the threshold"
+        "gradient/was_clipped",
+        "gradient_clipping",
+        "0/1",
+        "1 when this step's norm exceeded the threshold",
+        formula="1 if before > threshold else 0",
     ),
-    TagSpec("gradient/clipping_ratio", "gradient_clipping", "ratio", "Norm after clipping over norm before"),
+    TagSpec(
+        "gradient/clipping_ratio",
+        "gradient_clipping",
+        "ratio",
+        "Norm after clipping over norm before",
+        formula="after / before (0 when before = 0)",
+    ),
     TagSpec(
         "gradient/clipping_percentage",
         "gradient_clipping",
@@ -380,6 +424,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Share of logged steps where clipping applied; < 10% is good",
         "Gradient Flow",
         alert=AlertRule("clipping most steps: learning rate too high", above=50.0),
+        formula="100 · clipped calls / calls",
     ),
     # --- learning rate
     TagSpec(
@@ -388,6 +433,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "lr",
         "Learning rate of param group 0 (is it decaying?)",
         "Learning Dynamics",
+        formula="optimizer.param_groups[0]['lr']",
     ),
     TagSpec(
         "learning_rate/param_group_{group}",
@@ -395,6 +441,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "lr",
         "Learning rate of param group {group}",
         defaults=("0",),
+        formula="optimizer.param_groups[{group}]['lr']",
     ),
     # --- stability
     TagSpec(
@@ -403,6 +450,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "loss",
         "Population std of the last 50 losses",
         "Learning Dynamics",
+        formula="population std of the last 50 finite losses",
     ),
     TagSpec(
         "stability/loss_trend_slope",
@@ -410,6 +458,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "loss/step",
         "Least-squares slope of the last 20 losses (negative = improving)",
         "Learning Dynamics",
+        formula="least-squares slope of the last 20 finite losses (≥ 5)",
     ),
     TagSpec(
         "stability/loss_spike_ratio",
@@ -417,27 +466,76 @@ REGISTRY: tuple[TagSpec, ...] = (
         "ratio",
         "Max over min loss in the history",
         "Learning Dynamics",
+        formula="max / min of the finite losses (min > 0)",
     ),
-    TagSpec("stability/nonfinite_count", "stability", "count", "Non-finite losses skipped in the history"),
-    # --- performance
-    TagSpec("performance/forward_time_ms", "performance", "ms", "Forward pass time", "Performance"),
-    TagSpec("performance/backward_time_ms", "performance", "ms", "Backward pass time", "Performance"),
-    TagSpec("performance/total_time_ms", "performance", "ms", "Forward plus backward time"),
     TagSpec(
-        "performance/samples_per_second", "performance", "samples/s", "Training throughput", "Performance"
+        "stability/nonfinite_count",
+        "stability",
+        "count",
+        "Non-finite losses skipped in the history",
+        formula="count of NaN/inf in the history",
     ),
-    TagSpec("performance/forward_backward_ratio", "performance", "ratio", "Forward time over backward time"),
+    # --- performance
+    TagSpec(
+        "performance/forward_time_ms",
+        "performance",
+        "ms",
+        "Forward pass time",
+        "Performance",
+        formula="1000 · forward seconds",
+    ),
+    TagSpec(
+        "performance/backward_time_ms",
+        "performance",
+        "ms",
+        "Backward pass time",
+        "Performance",
+        formula="1000 · backward seconds",
+    ),
+    TagSpec(
+        "performance/total_time_ms",
+        "performance",
+        "ms",
+        "Forward plus backward time",
+        formula="1000 · (forward + backward)",
+    ),
+    TagSpec(
+        "performance/samples_per_second",
+        "performance",
+        "samples/s",
+        "Training throughput",
+        "Performance",
+        formula="batch_size / (forward + backward)",
+    ),
+    TagSpec(
+        "performance/forward_backward_ratio",
+        "performance",
+        "ratio",
+        "Forward time over backward time",
+        formula="forward / backward",
+    ),
     TagSpec(
         "performance/gpu_memory_allocated_gb",
         "performance",
         "GB",
         "CUDA memory allocated by tensors",
         "Performance",
+        formula="torch.cuda.memory_allocated / 1e9",
     ),
     TagSpec(
-        "performance/gpu_memory_reserved_gb", "performance", "GB", "CUDA memory reserved by the allocator"
+        "performance/gpu_memory_reserved_gb",
+        "performance",
+        "GB",
+        "CUDA memory reserved by the allocator",
+        formula="torch.cuda.memory_reserved / 1e9",
     ),
-    TagSpec("performance/peak_memory_gb", "performance", "GB", "Peak CUDA memory allocated"),
+    TagSpec(
+        "performance/peak_memory_gb",
+        "performance",
+        "GB",
+        "Peak CUDA memory allocated",
+        formula="torch.cuda.max_memory_allocated / 1e9",
+    ),
     # --- hierarchy
     TagSpec(
         "hierarchy/level{level}_feat_mean",
@@ -445,6 +543,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "feature",
         "Mean of the level {level} predictions",
         "Hierarchy Structure",
+        formula="mean of all elements of pred[l]",
     ),
     TagSpec(
         "hierarchy/level{level}_feat_std",
@@ -453,18 +552,21 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Std of the level {level} predictions (is feature variance sufficient?)",
         "Hierarchy Structure",
         layout_levels=(0,),
+        formula="unbiased std of all elements of pred[l]",
     ),
     TagSpec(
         "hierarchy/level{level}_feat_range",
         "hierarchy",
         "feature",
         "Max minus min of the level {level} predictions",
+        formula="max − min of pred[l]",
     ),
     TagSpec(
         "hierarchy/level{level}_feat_norm",
         "hierarchy",
         "L2 norm",
         "Mean token L2 norm of the level {level} predictions",
+        formula="mean over tokens of ‖pred[l]‖₂",
     ),
     TagSpec(
         "hierarchy/level{level}_num_patches",
@@ -472,6 +574,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "tokens",
         "Predicted tokens at level {level} (coarser levels have fewer)",
         "Hierarchy Structure",
+        formula="N_l (second-to-last dim of pred[l])",
     ),
     # --- input health
     TagSpec(
@@ -480,6 +583,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "count",
         "Non-finite values among the logged losses",
         alert=AlertRule("non-finite loss", above=0.0),
+        formula="count of NaN/inf among the loss values",
     ),
     TagSpec(
         "health/prediction_level{level}_nonfinite",
@@ -487,6 +591,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "tokens",
         "Level {level} tokens whose prediction or target has a non-finite element (their statistics are NaN)",
         alert=AlertRule("non-finite predictions or targets", above=0.0),
+        formula="tokens with a NaN/inf in p or t",
     ),
     TagSpec(
         "health/collapse_level{level}_nonfinite",
@@ -494,6 +599,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "rows",
         "Level {level} feature rows with a non-finite element (the collapse statistics are NaN)",
         alert=AlertRule("non-finite features", above=0.0),
+        formula="rows with a NaN/inf",
     ),
     TagSpec(
         "health/gradient_nonfinite_tensors",
@@ -501,12 +607,32 @@ REGISTRY: tuple[TagSpec, ...] = (
         "tensors",
         "Parameter tensors whose gradient has a non-finite element",
         alert=AlertRule("non-finite gradients", above=0.0),
+        formula="tensors whose ‖g‖ is NaN/inf",
     ),
     # --- masking
-    TagSpec("masking/mask_ratio", "masking", "ratio", "Fraction of patches masked (predicted)", "Masking"),
-    TagSpec("masking/num_masked_patches", "masking", "patches", "Mean masked patches per sample", "Masking"),
     TagSpec(
-        "masking/num_unmasked_patches", "masking", "patches", "Mean visible patches per sample", "Masking"
+        "masking/mask_ratio",
+        "masking",
+        "ratio",
+        "Fraction of patches masked (predicted)",
+        "Masking",
+        formula="mean_b Σ_n mask[b, n] / num_patches (K blocks OR-ed)",
+    ),
+    TagSpec(
+        "masking/num_masked_patches",
+        "masking",
+        "patches",
+        "Mean masked patches per sample",
+        "Masking",
+        formula="mean_b Σ_n mask[b, n]",
+    ),
+    TagSpec(
+        "masking/num_unmasked_patches",
+        "masking",
+        "patches",
+        "Mean visible patches per sample",
+        "Masking",
+        formula="num_patches − num_masked_patches",
     ),
 )
 

@@ -35,6 +35,7 @@ def test_tags_json_has_meaning_unit_and_alerts() -> None:
         erank["unit"] == "rank" and "< 100" in erank["alert"] and erank["category"] == "Collapse Monitoring"
     )
     assert by_tag["train/gradient_flow/predictor_mean"]["meaning"].endswith("top-level module predictor")
+    assert all(row["formula"] for row in rows)  # every tag documents how it is computed
 
 
 def test_bad_level_count_is_a_clear_error() -> None:
