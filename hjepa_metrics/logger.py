@@ -128,9 +128,9 @@ class HJEPAMetricsLogger:
         if hierarchy_weights is not None:
             checked_weights(hierarchy_weights, num_hierarchies)
         self.distributed = distributed
-        rank, _ = rank_and_world() if distributed else (0, 1)
         # Under torch.distributed only rank 0 writes: other ranks build no backend (no duplicate runs).
-        self.writer = _resolve_writer(writers, config, metrics_logger) if rank == 0 else BaseWriter()
+        is_writer = self._world()[0] == 0
+        self.writer = _resolve_writer(writers, config, metrics_logger) if is_writer else BaseWriter()
         self.num_hierarchies = num_hierarchies
         self.hierarchy_weights = list(hierarchy_weights) if hierarchy_weights is not None else None
         self.prefix = prefix
@@ -142,7 +142,7 @@ class HJEPAMetricsLogger:
         self.clipped_calls = 0
         self.step = 0
         if write_layout:
-            self.writer.log_layout(guide_layout(num_hierarchies, prefix="train/"))
+            self.writer.log_layout(guide_layout(num_hierarchies, prefix=prefix))
 
     # -- plumbing
     @property

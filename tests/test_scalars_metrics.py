@@ -159,3 +159,16 @@ def test_clipping_percentage_counts_prior_calls() -> None:
     assert got["gradient/clipping_percentage"] == 50.0
     with pytest.raises(ValueError, match="prior_clipped"):
         gradient_clipping(3.0, 1.0, 1.0, prior_clipped=4, prior_calls=3)
+
+
+def test_timed_measures_the_block_and_cpu_has_no_gpu_memory_tags() -> None:
+    import time
+
+    from hjepa_metrics import cuda_memory_metrics, timed
+
+    with timed("cpu") as t:
+        time.sleep(0.05)
+    assert 0.05 <= t.seconds < 1.0
+    assert cuda_memory_metrics("cpu") == {}
+    if not torch.cuda.is_available():
+        assert cuda_memory_metrics() == {}
