@@ -27,6 +27,7 @@ from .losses import checked_weights, hierarchical_losses
 from .masking import masked_totals, masking_from_totals
 from .performance import performance_metrics
 from .prediction import PredictionAccumulator, checked_level_pairs
+from .registry import summary_kinds
 from .stability import training_stability
 
 log = logging.getLogger("hjepa_metrics")
@@ -143,6 +144,9 @@ class HJEPAMetricsLogger:
         self.step = 0
         if write_layout:
             self.writer.log_layout(guide_layout(num_hierarchies, prefix=prefix))
+        define = getattr(self.writer, "define_summaries", None)
+        if callable(define):  # e.g. W&B keeps the min of each loss and of each low-is-bad collapse tag
+            define(summary_kinds(num_hierarchies, prefix))
 
     # -- plumbing
     @property

@@ -700,6 +700,22 @@ def canonical(name: str, level: int = 0) -> str:
     return name
 
 
+def summary_kinds(num_hierarchies: int = 3, prefix: str = "train/") -> dict[str, str]:
+    """Which extreme of each tag matters, for trackers' run summaries (W&B's ``define_metric``):
+    ``min`` for losses and for tags alerting when low, ``max`` for tags alerting when high."""
+    out: dict[str, str] = {}
+    for spec in REGISTRY:
+        rule = spec.alert
+        if spec.group == "losses" and spec.unit == "loss":
+            kind = "min"
+        elif rule is not None and not rule.level_ranges and (rule.below is None) != (rule.above is None):
+            kind = "min" if rule.below is not None else "max"
+        else:
+            continue
+        out.update({prefix + tag: kind for tag in spec.expand(num_hierarchies)})
+    return out
+
+
 def specs_by_category() -> Mapping[str, list[TagSpec]]:
     """Layout categories in the guide's order, each with its specs in registry order."""
     out: dict[str, list[TagSpec]] = {c: [] for c in CATEGORIES}

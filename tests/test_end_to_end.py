@@ -92,6 +92,10 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
     wandb_tags = {k for row in rows for k in row}
     assert expected | val_expected <= wandb_tags, sorted((expected | val_expected) - wandb_tags)
     assert [r["global_step"] for r in rows if "train/loss/total" in r] == loss_steps
+    summaries = wandb_reader.metric_summaries(tmp_path)  # define_metric from the registry's alert rules
+    assert summaries["train/loss/total"] == {"min"}
+    assert summaries["train/collapse/level2_effective_rank"] == {"min"}
+    assert summaries["train/collapse/level0_mean_similarity"] == {"max"}
 
     # the same values everywhere (float32 in TensorBoard)
     jsonl_loss = [

@@ -98,3 +98,19 @@ def exit_codes(run_dir: Path) -> list[int]:
         for rec in records(f)
         if rec.WhichOneof("record_type") == "exit"
     ]
+
+
+def metric_summaries(run_dir: Path) -> dict[str, set[str]]:
+    """``define_metric`` summaries per metric name: ``{"train/loss/total": {"min"}, ...}``."""
+    out: dict[str, set[str]] = {}
+    for f in sorted(Path(run_dir).rglob("run-*.wandb")):
+        for rec in records(f):
+            if rec.WhichOneof("record_type") == "metric" and rec.metric.name:
+                kinds = {
+                    k
+                    for k in ("min", "max", "mean", "last", "best", "none", "copy")
+                    if getattr(rec.metric.summary, k, False)
+                }
+                if kinds:
+                    out[rec.metric.name] = kinds
+    return out

@@ -155,6 +155,10 @@ class BackgroundWriter(BaseWriter):
     def log_layout(self, layout: LayoutDict) -> None:
         self._put("log_layout", layout)
 
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        if hasattr(self.inner, "define_summaries"):
+            self._put("define_summaries", dict(summaries))
+
     def flush(self) -> None:
         self._put("flush", wait=True)
 

@@ -126,6 +126,10 @@ class BaseWriter:
     def log_layout(self, layout: LayoutDict) -> None:
         del layout
 
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        """Optional: which summary (``min``, ``max``, ``last``, ...) a tracker keeps per tag."""
+        del summaries
+
     def flush(self) -> None:
         pass
 

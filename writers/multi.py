@@ -80,6 +80,9 @@ class MultiWriter(BaseWriter):
     def log_layout(self, layout: LayoutDict) -> None:
         self._each("log_layout", lambda w: w.log_layout(layout))
 
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        self._each("define_summaries", lambda w: _define_summaries(w, summaries))
+
     def flush(self) -> None:
         self._each("flush", lambda w: w.flush())
 
@@ -91,6 +94,12 @@ class MultiWriter(BaseWriter):
             if writer.name == name:
                 return writer
         raise KeyError(f"no writer named {name!r}; have {[w.name for w in self.writers]}")
+
+
+def _define_summaries(writer: Writer, summaries: Mapping[str, str]) -> None:
+    define = getattr(writer, "define_summaries", None)
+    if callable(define):
+        define(summaries)
 
 
 def _close_writer(writer: Writer, failed: bool) -> None:

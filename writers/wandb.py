@@ -88,8 +88,7 @@ class WandbWriter(BaseWriter):
         self._state_written = 0.0
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
-        for pattern, summary in (summaries or {}).items():
-            self.run.define_metric(pattern, step_metric=STEP_KEY, summary=summary)
+        self.define_summaries(summaries or {})
         self._row: dict[str, Any] = {}
         self._row_step: int | None = None
         self._last_step: int | None = None
@@ -154,6 +153,11 @@ class WandbWriter(BaseWriter):
         else:
             data = image if is_figure(image) else image_hwc(image, tag)
         self._add(step, {tag: self._wandb.Image(data)})
+
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        """``define_metric(name, summary=...)`` per tag or glob, on the ``global_step`` axis."""
+        for pattern, summary in summaries.items():
+            self.run.define_metric(pattern, step_metric=STEP_KEY, summary=summary)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         config = redact(config)  # secrets never reach a backend
