@@ -236,3 +236,10 @@ def test_entry_point_writers_are_selectable(tmp_path: Path, monkeypatch: pytest.
     assert isinstance(w, BackgroundWriter) and isinstance(w.inner, JSONLWriter)
     assert w.inner.path == tmp_path / "plugin.jsonl"
     w.close()
+
+
+def test_all_backends_disabled_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    writer = build_writers({"tensorboard": {"enabled": False}})
+    assert isinstance(writer, MultiWriter) and writer.writers == []
+    assert "every backend is disabled" in caplog.text
+    writer.close()

@@ -219,6 +219,8 @@ def build_writers(
     """
     cfg = load_config(config)
     names = selected_backends(cfg)
+    if not names:
+        log.warning("config: every backend is disabled; nothing will be written")
     experiment = str(cfg.get("experiment_name") or "hjepa")
     common = {
         "experiment_name": experiment,
