@@ -105,7 +105,8 @@ class CollapseAccumulator:
             self.row_sum += u.sum(dim=0)
             self.sq_norm_sum += sq.sum()
             self.fourth_sum += (sq * sq).sum()
-            self.nonfinite_rows += (~torch.isfinite(u).all(dim=-1)).sum()
+            # a NaN/inf anywhere in a row makes its squared norm non-finite: no [rows, D] mask needed
+            self.nonfinite_rows += (~torch.isfinite(sq)).sum()
         self.count += m
         self._update_sample(x)
 
@@ -184,7 +185,7 @@ class CollapseAccumulator:
         assert self.nonfinite_rows is not None
         raw[f"health/collapse_level{level}_nonfinite"] = self.nonfinite_rows
         mean = self.row_sum / m
-        centered = self.gram - m * torch.outer(mean, mean)
+        centered = torch.addr(self.gram, mean, mean, alpha=-m)  # G − M·μμᵀ, one D×D temporary
         raw[tag + "effective_rank"] = effective_rank_from_gram(centered, self.sq_norm_sum)
         if m < 2:
             return raw
@@ -197,7 +198,7 @@ class CollapseAccumulator:
         # Over the M(M−1)/2 distinct pairs, unbiased: Σ_{i<j} c² = (‖G‖²_F − Σ‖u‖⁴) / 2.
         n_pairs = pairs / 2
         if n_pairs > 1:
-            sum_sq = (self.gram.square().sum() - self.fourth_sum) / 2
+            sum_sq = (torch.linalg.vector_norm(self.gram).square() - self.fourth_sum) / 2
             raw[tag + "std_similarity"] = (
                 ((sum_sq - n_pairs * mean_sim**2) / (n_pairs - 1)).clamp_min(0.0).sqrt()
             )
