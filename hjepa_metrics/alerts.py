@@ -28,7 +28,8 @@ class AlertMonitor:
     """Checks logged values against the registry's rules.
 
     A tag that crosses its threshold is reported once (a ``logging`` warning, ``on_alert`` callback,
-    appended to :attr:`fired`) and again only after it has come back into range and crossed anew.
+    appended to :attr:`fired`) and again only after it has come back into range, by 5 % of the
+    threshold (hysteresis), and crossed anew.
     """
 
     def __init__(
@@ -53,14 +54,14 @@ class AlertMonitor:
             if match is None or match.spec.alert is None:
                 continue
             rule = match.spec.alert
-            dim = self.feature_dims.get(match.level) if match.level is not None else None
-            if rule.fires(value, level=match.level, num_hierarchies=self.num_hierarchies, dim=dim):
+            level, n = match.level, self.num_hierarchies
+            dim = self.feature_dims.get(level) if level is not None else None
+            if rule.fires(value, level=level, num_hierarchies=n, dim=dim):
                 if tag not in self.active:
                     self.active.add(tag)
-                    alert = Alert(tag, step, float(value), rule.describe())
-                    new.append(alert)
-            elif value == value:  # back in range (NaN says nothing either way)
-                if tag in self.active and self.log_alerts:
+                    new.append(Alert(tag, step, float(value), rule.describe()))
+            elif tag in self.active and rule.recovered(value, level=level, num_hierarchies=n, dim=dim):
+                if self.log_alerts:
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
                 self.active.discard(tag)
         for alert in new:

@@ -73,6 +73,28 @@ class AlertRule:
         low, high = b
         return (low is not None and value < low) or (high is not None and value > high)
 
+    def recovered(
+        self,
+        value: float,
+        *,
+        level: int | None = None,
+        num_hierarchies: int | None = None,
+        dim: int | None = None,
+        margin: float = 0.05,
+    ) -> bool:
+        """Back inside the healthy range by ``margin`` of each bound's size (hysteresis), so a value
+        hovering at a threshold does not fire on every other step. NaN never counts as recovered."""
+        b = self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim)
+        if b is None:
+            return True
+        if value != value:
+            return False
+        low, high = b
+        width = abs(high - low) if low is not None and high is not None else None
+        ok_low = low is None or value >= low + margin * (width if width is not None else abs(low))
+        ok_high = high is None or value <= high - margin * (width if width is not None else abs(high))
+        return ok_low and ok_high
+
     def describe(self) -> str:
         if self.level_ranges:
             ranges = ", ".join(f"h{i}: {lo:g}-{hi:g}" for i, (lo, hi) in enumerate(self.level_ranges))

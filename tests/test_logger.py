@@ -193,3 +193,12 @@ def test_guide_constructor_with_a_writer(tmp_path: Path) -> None:
         "train/learning_rate/base_lr": 0.25,
         "train/learning_rate/param_group_0": 0.25,
     }
+
+
+def test_alert_hysteresis_ignores_hovering_at_the_threshold() -> None:
+    logger = HJEPAMetricsLogger(Memory())
+    # threshold 0.7 (above): recovery needs <= 0.7 - 5% of 0.7 = 0.665
+    values = [0.69, 0.71, 0.69, 0.71, 0.66, 0.71, float("nan"), 0.60, 0.72]
+    for step, v in enumerate(values):
+        logger.log_scalars({"collapse/level0_mean_similarity": v}, global_step=step)
+    assert [a.step for a in logger.alerts] == [1, 5, 8]  # 0.69 is not recovery; 0.66 is; NaN changes nothing
