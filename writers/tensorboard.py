@@ -174,32 +174,28 @@ class TensorBoardWriter(BaseWriter):
             tag=p.hparams_metadata.SESSION_START_INFO_TAG, metadata=metadata
         )
         rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
-        self._event(0, [hp_value, self._text_value("config", f"| key | value |\n|---|---|\n{rows}")])
+        self._event(
+            0,
+            [hp_value, self._string_value("config", "text", f"| key | value |\n|---|---|\n{rows}".encode())],
+        )
 
-    def _text_value(self, tag: str, text: str) -> Any:
+    def _string_value(self, tag: str, plugin: str, payload: bytes) -> Any:
+        """A summary value holding one scalar ``DT_STRING`` tensor for ``plugin`` (text, custom_scalars)."""
         p = self._p
         tensor = p.tensor_pb2.TensorProto(
             dtype=p.types_pb2.DT_STRING,
-            string_val=[text.encode("utf-8")],
+            string_val=[payload],
             tensor_shape=p.tensor_shape_pb2.TensorShapeProto(),
         )
         metadata = p.summary_pb2.SummaryMetadata(
-            plugin_data=p.summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+            plugin_data=p.summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
         )
         return p.summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
 
     def log_layout(self, layout: LayoutDict) -> None:
         """Write the custom-scalars layout; only the latest layout of a run counts, so write it complete."""
-        p = self._p
-        tensor = p.tensor_pb2.TensorProto(
-            dtype=p.types_pb2.DT_STRING,
-            string_val=[layout_proto(layout).SerializeToString()],
-            tensor_shape=p.tensor_shape_pb2.TensorShapeProto(),
-        )
-        metadata = p.summary_pb2.SummaryMetadata(
-            plugin_data=p.summary_pb2.SummaryMetadata.PluginData(plugin_name="custom_scalars")
-        )
-        self._event(0, [p.summary_pb2.Summary.Value(tag=LAYOUT_TAG, metadata=metadata, tensor=tensor)])
+        payload = layout_proto(layout).SerializeToString()
+        self._event(0, [self._string_value(LAYOUT_TAG, "custom_scalars", payload)])
 
     def flush(self) -> None:
         self._writer.flush()
