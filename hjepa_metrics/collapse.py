@@ -224,9 +224,17 @@ def collapse_metrics(
     sample of at most ``max_similarity_rows`` rows drawn with a private generator seeded by
     ``seed`` (the global RNG is never touched). Quantities undefined for M < 2 are NaN.
     """
-    acc = CollapseAccumulator(max_similarity_rows=max_similarity_rows, seed=seed)
+    state = collapse_state(features, max_similarity_rows=max_similarity_rows, seed=seed)
+    return to_host(state.compute(level))
+
+
+def collapse_state(
+    features: ArrayLike, *, max_similarity_rows: int = 1024, seed: int = 0
+) -> CollapseAccumulator:
+    """A :class:`CollapseAccumulator` holding ``features``, which must have at least one row and dim."""
     x = as_features(features, "features")
     if x.numel() == 0:
         raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
-    acc.update(x)
-    return to_host(acc.compute(level))
+    state = CollapseAccumulator(max_similarity_rows=max_similarity_rows, seed=seed)
+    state.update(x)
+    return state

@@ -16,7 +16,7 @@ from writers import BaseWriter, MultiWriter, Writer, build_writers
 from ._params import NamedTensors
 from ._tensor import ArrayLike, Scalar, as_features, level_list, scalar_tensor, to_host
 from .alerts import Alert, AlertMonitor
-from .collapse import CollapseAccumulator
+from .collapse import CollapseAccumulator, collapse_state
 from .distributed import all_reduce_sum, collective_device, rank_and_world
 from .ema import ema_dynamics
 from .gradients import gradient_clipping, gradient_flow
@@ -203,9 +203,9 @@ class HJEPAMetricsLogger:
         for acc, group in zip(accumulators, groups, strict=True):
             acc.load_sync([next(summed) for _ in group])
 
-    def _collapse_accumulator(self) -> CollapseAccumulator:
-        rank, _ = self._world()
-        return CollapseAccumulator(max_similarity_rows=self.max_similarity_rows, seed=rank)
+    def _collapse_options(self) -> dict[str, int]:
+        """Each rank samples with its own seed, so merged max-similarity samples do not repeat rows' keys."""
+        return {"max_similarity_rows": self.max_similarity_rows, "seed": self._world()[0]}
 
     # -- the guide's methods
     def log_hierarchical_losses(
@@ -260,13 +260,9 @@ class HJEPAMetricsLogger:
     def log_collapse_metrics(
         self, features: ArrayLike, level: int = 0, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        x = as_features(features, "features")
-        if self.monitor is not None:
-            self.monitor.feature_dims[level] = int(x.shape[-1])
-        if x.numel() == 0:
-            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
-        state = self._collapse_accumulator()
-        state.update(x)
+        state = collapse_state(features, **self._collapse_options())
+        if self.monitor is not None and state.dim is not None:
+            self.monitor.feature_dims[level] = state.dim
         self._reduced([state])
         return self._emit(to_host(state.compute(level)), global_step, prefix)
 
@@ -419,7 +415,9 @@ class ValidationAccumulator:
                 x = as_features(f, f"features[{level}]")
                 if self.logger.monitor is not None:
                     self.logger.monitor.feature_dims[level] = int(x.shape[-1])
-                collapse = self.collapse.setdefault(level, self.logger._collapse_accumulator())
+                collapse = self.collapse.setdefault(
+                    level, CollapseAccumulator(**self.logger._collapse_options())
+                )
                 collapse.update(x)
         self.batches += 1
 
