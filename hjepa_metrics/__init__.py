@@ -12,13 +12,14 @@ from .ema import ema_dynamics
 from .gradients import gradient_clipping, gradient_flow
 from .hierarchy import hierarchy_feature_stats
 from .learning_rate import learning_rate
-from .logger import HJEPAMetricsLogger, HJEPATensorBoardLogger, ValidationAccumulator
+from .logger import HJEPAMetricsLogger, HJEPATensorBoardLogger
 from .losses import hierarchical_losses
 from .masking import masking_statistics
 from .performance import cuda_memory_metrics, performance_metrics, timed
 from .prediction import prediction_quality
 from .registry import tags
 from .stability import training_stability
+from .validation import ValidationAccumulator
 
 __version__ = "0.1.0"
 

@@ -44,7 +44,11 @@ class AlertMonitor:
         self.on_alert = on_alert
         self.fired: list[Alert] = []
         self.active: set[str] = set()
-        self.feature_dims: dict[int, int] = {}
+        self._feature_dims: dict[int, int] = {}
+
+    def set_feature_dim(self, level: int, dim: int) -> None:
+        """The feature width D of ``level``, for rules that scale with it (effective rank)."""
+        self._feature_dims[level] = int(dim)
 
     def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
         """New alerts among ``metrics`` (full tags, prefixes allowed)."""
@@ -55,7 +59,7 @@ class AlertMonitor:
                 continue
             rule = match.spec.alert
             level, n = match.level, self.num_hierarchies
-            dim = self.feature_dims.get(level) if level is not None else None
+            dim = self._feature_dims.get(level) if level is not None else None
             if rule.fires(value, level=level, num_hierarchies=n, dim=dim):
                 if tag not in self.active:
                     self.active.add(tag)

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from writers import available_backends
+from writers.backends import backends_markdown
+
 from . import registry
 
 
@@ -124,6 +127,18 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backends(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        print(backends_markdown(), end="")
+        return 0
+    for name, backend in available_backends().items():
+        extra = (
+            f'pip install "hjepa-metrics[{backend.extra}]"' if backend.extra else "(installed by its package)"
+        )
+        print(f"{name:<12} {extra}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
@@ -163,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_replay = sub.add_parser("replay", help="send a JSONL run into TensorBoard, MLflow, W&B or JSONL")
     p_replay.add_argument("run", help="a metrics.jsonl file or the directory holding it")
-    p_replay.add_argument("--to", choices=("tensorboard", "mlflow", "wandb", "jsonl"), default="tensorboard")
+    p_replay.add_argument("--to", choices=sorted(available_backends()), default="tensorboard")
     p_replay.add_argument("--log-dir", default="runs/replay")
     p_replay.add_argument("--config", help="a YAML/JSON logging config instead of --to/--log-dir")
     p_replay.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
@@ -176,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--out", help="output folder (default: next to the run, <run>_report)")
     p_report.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
     p_report.set_defaults(func=_cmd_report)
+
+    p_backends = sub.add_parser("backends", help="list the backends, their extras and what they write")
+    p_backends.add_argument("--format", choices=("text", "markdown"), default="text")
+    p_backends.set_defaults(func=_cmd_backends)
 
     # parsed by the example itself (see run_demo); listed here for --help
     sub.add_parser(

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._tensor import ArrayLike, accumulate_dtype, as_features, host_list, to_host
+from .accumulator import RawValues
 from .distributed import slots
 
 EPS = 1e-8
@@ -51,15 +52,16 @@ def effective_rank_from_gram(centered_gram: torch.Tensor, scale: torch.Tensor) -
 class CollapseAccumulator:
     """Exact collapse statistics over rows seen in any number of :meth:`update` calls.
 
-    Holds Σu, Σuuᵀ, Σ‖u‖², Σ‖u‖⁴ and the row count (float64, on the features' device), plus a
-    sample of at most ``max_similarity_rows`` rows for ``max_similarity``: each row gets a key from a
-    private generator seeded with ``seed`` and the rows with the smallest keys are kept, so the sample
-    (and the result) is the same however the rows are split into batches.
+    Tags are those of ``level``. Holds Σu, Σuuᵀ, Σ‖u‖², Σ‖u‖⁴ and the row count (float64, on the
+    features' device), plus a sample of at most ``max_similarity_rows`` rows for ``max_similarity``:
+    each row gets a key from a private generator seeded with ``seed`` and the rows with the smallest
+    keys are kept, so the sample (and the result) is the same however the rows are split into batches.
     """
 
-    def __init__(self, *, max_similarity_rows: int = 1024, seed: int = 0) -> None:
+    def __init__(self, *, level: int = 0, max_similarity_rows: int = 1024, seed: int = 0) -> None:
         if max_similarity_rows < 2:
             raise ValueError(f"max_similarity_rows: got {max_similarity_rows}; expected at least 2")
+        self.level = level
         self.max_similarity_rows = max_similarity_rows
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self.count = 0
@@ -76,12 +78,12 @@ class CollapseAccumulator:
         return None if self.gram is None else int(self.gram.shape[0])
 
     def update(self, features: ArrayLike) -> None:
-        """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine)."""
+        """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine), M, D ≥ 1."""
         x = as_features(features, "features")
+        if x.numel() == 0:
+            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
         x = x.reshape(-1, x.shape[-1])
         m, d = x.shape
-        if d == 0:
-            raise ValueError(f"features: got shape {tuple(x.shape)}; expected a non-empty feature dim")
         if self.gram is None:
             acc = accumulate_dtype(x.device)
             self.gram = torch.zeros(d, d, dtype=acc, device=x.device)
@@ -95,8 +97,6 @@ class CollapseAccumulator:
         assert self.nonfinite_rows is not None
         if x.device != self.gram.device:
             x = x.to(self.gram.device)
-        if m == 0:
-            return
         acc = self.gram.dtype
         chunk = max(1, _CHUNK_ELEMENTS // d)
         for start in range(0, m, chunk):
@@ -166,8 +166,9 @@ class CollapseAccumulator:
             rows, row_keys = rows.index_select(0, idx), row_keys.index_select(0, idx)
         self._sample, self._sample_keys = rows, row_keys
 
-    def compute(self, level: int = 0) -> dict[str, torch.Tensor | float]:
+    def compute(self) -> RawValues:
         """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""
+        level = self.level
         tag = f"collapse/level{level}_"
         names = (
             "mean_std_per_dim",
@@ -181,7 +182,7 @@ class CollapseAccumulator:
         if m == 0 or self.gram is None:
             raise ValueError("features: no rows were given; expected at least one row")
         assert self.row_sum is not None and self.sq_norm_sum is not None and self.fourth_sum is not None
-        raw: dict[str, torch.Tensor | float] = dict.fromkeys((tag + n for n in names), math.nan)
+        raw: RawValues = dict.fromkeys((tag + n for n in names), math.nan)
         assert self.nonfinite_rows is not None
         raw[f"health/collapse_level{level}_nonfinite"] = self.nonfinite_rows
         mean = self.row_sum / m
@@ -224,17 +225,6 @@ def collapse_metrics(
     sample of at most ``max_similarity_rows`` rows drawn with a private generator seeded by
     ``seed`` (the global RNG is never touched). Quantities undefined for M < 2 are NaN.
     """
-    state = collapse_state(features, max_similarity_rows=max_similarity_rows, seed=seed)
-    return to_host(state.compute(level))
-
-
-def collapse_state(
-    features: ArrayLike, *, max_similarity_rows: int = 1024, seed: int = 0
-) -> CollapseAccumulator:
-    """A :class:`CollapseAccumulator` holding ``features``, which must have at least one row and dim."""
-    x = as_features(features, "features")
-    if x.numel() == 0:
-        raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
-    state = CollapseAccumulator(max_similarity_rows=max_similarity_rows, seed=seed)
-    state.update(x)
-    return state
+    state = CollapseAccumulator(level=level, max_similarity_rows=max_similarity_rows, seed=seed)
+    state.update(features)
+    return to_host(state.compute())

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .accumulator import Accumulator
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -48,3 +52,22 @@ def slots(value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     out = torch.zeros((world, *value.shape), dtype=value.dtype, device=value.device)
     out[rank] = value
     return out
+
+
+def reduce_accumulators(accumulators: Sequence[Accumulator], world: tuple[int, int] | None = None) -> None:
+    """Make every accumulator hold the state of all ranks, with ONE packed all-reduce in total.
+
+    ``world`` is ``(rank, world_size)`` (default: the process group's). A no-op alone, or when no
+    accumulator has state to share. Every rank must call it with the same kinds of accumulators.
+    """
+    rank, size = rank_and_world() if world is None else world
+    if size == 1:
+        return
+    device = collective_device()
+    groups = [acc.sync_parts(rank, size, device) for acc in accumulators]
+    flat = [part for group in groups for part in group]
+    if not flat:
+        return
+    summed = iter(all_reduce_sum(flat))
+    for acc, group in zip(accumulators, groups, strict=True):
+        acc.load_sync([next(summed) for _ in group])

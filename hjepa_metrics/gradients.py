@@ -8,6 +8,7 @@ import torch
 
 from ._params import NamedTensors, foreach_norms, named_tensors
 from ._tensor import Scalar, accumulate_dtype, scalar_tensor, to_host
+from .accumulator import RawValues
 
 
 def gradient_flow(
@@ -58,6 +59,63 @@ def gradient_flow(
     return to_host(raw)
 
 
+class ClippingAccumulator:
+    """Clipping around ``clip_grad_norm_``: this call's norms and flag, and the clipped share of every
+    call since construction or :meth:`reset`.
+
+    The norms ``clip_grad_norm_`` returns are already global under DDP and FSDP, so there is no
+    cross-rank state to share (:meth:`sync_parts` is empty).
+    """
+
+    def __init__(self, *, calls: int = 0, clipped: int = 0) -> None:
+        if calls < 0 or not 0 <= clipped <= calls:
+            raise ValueError(
+                f"prior_clipped/prior_calls: got {clipped}/{calls}; expected 0 <= clipped <= calls"
+            )
+        self.calls, self.clipped = calls, clipped
+        self._last: dict[str, float] = {}
+
+    def update(
+        self, global_norm_before: Scalar, global_norm_after: Scalar, clip_threshold: float | None
+    ) -> None:
+        threshold = math.inf if clip_threshold is None else float(clip_threshold)
+        if math.isnan(threshold) or threshold <= 0:
+            raise ValueError(f"clip_threshold: got {clip_threshold}; expected a positive number, inf or None")
+        norms = to_host(
+            {
+                "gradient/global_norm_before_clip": scalar_tensor(global_norm_before, "global_norm_before"),
+                "gradient/global_norm_after_clip": scalar_tensor(global_norm_after, "global_norm_after"),
+            }
+        )
+        before = norms["gradient/global_norm_before_clip"]
+        after = norms["gradient/global_norm_after_clip"]
+        clipped = 1.0 if before > threshold else 0.0
+        self.calls += 1
+        self.clipped += int(clipped)
+        # a NaN norm must not read as "nothing was clipped"
+        nan = math.isnan(before) or math.isnan(after)
+        ratio = math.nan if nan else (after / before if before > 0 else 0.0)
+        self._last = {
+            **norms,
+            "gradient/was_clipped": clipped,
+            "gradient/clipping_ratio": ratio,
+            "gradient/clipping_percentage": 100.0 * self.clipped / self.calls,
+        }
+
+    def reset(self) -> None:
+        self.calls = self.clipped = 0
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        del rank, world, device
+        return []
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        del parts
+
+    def compute(self) -> RawValues:
+        return dict(self._last)
+
+
 def gradient_clipping(
     global_norm_before: Scalar,
     global_norm_after: Scalar,
@@ -70,27 +128,9 @@ def gradient_clipping(
 
     ``clip_threshold`` is ``max_norm`` (``None`` or ``inf``: never clipped). ``prior_clipped`` and
     ``prior_calls`` count earlier calls (the logger keeps them); ``clipping_percentage`` includes
-    this call: ``100 · (prior_clipped + was_clipped) / (prior_calls + 1)``.
+    this call: ``100 · (prior_clipped + was_clipped) / (prior_calls + 1)``. ``clipping_ratio`` is
+    ``after / before`` (0 when before is 0, NaN when a norm is NaN).
     """
-    if prior_calls < 0 or not 0 <= prior_clipped <= prior_calls:
-        raise ValueError(
-            f"prior_clipped/prior_calls: got {prior_clipped}/{prior_calls}; expected 0 <= clipped <= calls"
-        )
-    threshold = math.inf if clip_threshold is None else float(clip_threshold)
-    if math.isnan(threshold) or threshold <= 0:
-        raise ValueError(f"clip_threshold: got {clip_threshold}; expected a positive number, inf or None")
-    norms = to_host(
-        {
-            "gradient/global_norm_before_clip": scalar_tensor(global_norm_before, "global_norm_before"),
-            "gradient/global_norm_after_clip": scalar_tensor(global_norm_after, "global_norm_after"),
-        }
-    )
-    before = norms["gradient/global_norm_before_clip"]
-    after = norms["gradient/global_norm_after_clip"]
-    clipped = 1.0 if before > threshold else 0.0
-    return {
-        **norms,
-        "gradient/was_clipped": clipped,
-        "gradient/clipping_ratio": after / before if before > 0 else 0.0,
-        "gradient/clipping_percentage": 100.0 * (prior_clipped + clipped) / (prior_calls + 1),
-    }
+    state = ClippingAccumulator(calls=prior_calls, clipped=prior_clipped)
+    state.update(global_norm_before, global_norm_after, clip_threshold)
+    return {k: float(v) for k, v in state.compute().items()}

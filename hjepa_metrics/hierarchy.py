@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, level_list, to_host
+from .prediction import checked_level_pairs
 
 
 def hierarchy_feature_stats(
@@ -20,19 +21,7 @@ def hierarchy_feature_stats(
     """
     preds = level_list(predictions, "predictions")
     if targets is not None:
-        targs = level_list(targets, "targets")
-        if len(targs) != len(preds):
-            raise ValueError(
-                f"predictions has {len(preds)} levels but targets has {len(targs)}; expected equal counts"
-            )
-        for level, (p, t) in enumerate(zip(preds, targs, strict=True)):
-            p_shape = tuple(as_features(p, f"predictions[{level}]").shape)
-            t_shape = tuple(as_features(t, f"targets[{level}]").shape)
-            if p_shape != t_shape:
-                raise ValueError(
-                    f"predictions[{level}] has shape {p_shape} but targets[{level}] has {t_shape}; "
-                    "expected equal shapes"
-                )
+        checked_level_pairs(predictions, targets)
     raw: dict[str, torch.Tensor | float] = {}
     for level, p_in in enumerate(preds):
         p = as_features(p_in, f"predictions[{level}]")

@@ -7,6 +7,50 @@ from collections.abc import Sequence
 import torch
 
 from ._tensor import ArrayLike, as_tensor, to_host
+from .accumulator import RawValues
+
+
+class MaskingAccumulator:
+    """Masked-patch totals over any number of masks (batches or ranks): ``Σ_b Σ_n mask[b, n]`` and B.
+
+    ``mask`` is ``[B, N]`` (nonzero/True = masked) or ``[B, K, N]`` for K target blocks, which are
+    OR-ed over K; a list of ``[B, N]`` masks is treated as K blocks. ``num_patches`` defaults to N
+    and must be the same for every update.
+    """
+
+    def __init__(self) -> None:
+        self.masked: torch.Tensor | None = None  # float64 0-d, on the mask's device
+        self.samples: torch.Tensor | None = None
+        self.num_patches: int | None = None
+
+    def update(self, mask: ArrayLike | Sequence[ArrayLike], num_patches: int | None = None) -> None:
+        masked, batch, total = masked_totals(mask, num_patches)
+        if self.num_patches is not None and total != self.num_patches:
+            raise ValueError(f"num_patches: got {total}; expected {self.num_patches} as in earlier masks")
+        self.num_patches = total
+        samples = torch.tensor(float(batch), dtype=torch.float64, device=masked.device)
+        if self.masked is None or self.samples is None:
+            self.masked, self.samples = masked, samples
+        else:
+            self.masked, self.samples = self.masked + masked, self.samples + samples
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        del rank, world
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return [t.to(device) if t is not None else zero for t in (self.masked, self.samples)]
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        self.masked, self.samples = parts
+
+    def compute(self) -> RawValues:
+        if self.masked is None or self.samples is None or self.num_patches is None:
+            return {}
+        mean = self.masked / self.samples
+        return {
+            "masking/mask_ratio": mean / self.num_patches,
+            "masking/num_masked_patches": mean,
+            "masking/num_unmasked_patches": self.num_patches - mean,
+        }
 
 
 def masking_statistics(
@@ -17,19 +61,9 @@ def masking_statistics(
     ``mask`` is ``[B, N]`` (nonzero/True = masked) or ``[B, K, N]`` for K target blocks, which are
     OR-ed over K; a list of ``[B, N]`` masks is treated as K blocks. ``num_patches`` defaults to N.
     """
-    masked_total, batch, total = masked_totals(mask, num_patches)
-    out = to_host({"masked": masked_total})
-    return masking_from_totals(out["masked"], batch, total)
-
-
-def masking_from_totals(masked_total: float, batch: float, num_patches: int) -> dict[str, float]:
-    """The ``masking/*`` tags from the masked-patch total over ``batch`` samples."""
-    mean = masked_total / batch
-    return {
-        "masking/mask_ratio": mean / num_patches,
-        "masking/num_masked_patches": mean,
-        "masking/num_unmasked_patches": num_patches - mean,
-    }
+    state = MaskingAccumulator()
+    state.update(mask, num_patches)
+    return to_host(state.compute())
 
 
 def masked_totals(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, host_list, level_list, to_host
+from .accumulator import RawValues
 from .distributed import slots
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,12 @@ def token_cosine(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, 
     return cos, nmse, dist
 
 
-class PredictionAccumulator:
+class LevelTokens:
     """Token statistics of one level over any number of batches: count, Σc, Σc², min, max,
     Σnmse and Σ‖p − t‖, kept on the device in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int) -> None:
+        self.level = level
         self.count = 0
         self._sums: torch.Tensor | None = None  # [Σc, Σc², Σnmse, Σdist, non-finite tokens]
         self._min: torch.Tensor | None = None
@@ -87,9 +89,10 @@ class PredictionAccumulator:
         self._min = extremes[present, 0].min()
         self._max = extremes[present, 1].max()
 
-    def compute(self, level: int) -> dict[str, torch.Tensor | float]:
+    def compute(self) -> RawValues:
         if self._sums is None or self._min is None or self._max is None:
             return {}
+        level = self.level
         n = self.count
         mean = self._sums[0] / n
         tag = f"prediction/level{level}_"
@@ -128,6 +131,57 @@ def checked_level_pairs(
     return pairs
 
 
+class PredictionAccumulator:
+    """Prediction quality of every level over any number of batches (one :class:`LevelTokens` each).
+
+    ``num_levels`` fixes the level count (the logger's ``num_hierarchies``); a flat list of ``k·L``
+    tensors (the guide's validation snippet extends one list with every batch's levels) is then
+    regrouped: entry ``i`` belongs to level ``i % L``. Without it, the first update sets the count.
+    Empty levels are skipped with a warning.
+    """
+
+    def __init__(self, num_levels: int | None = None) -> None:
+        self.num_levels = num_levels
+        self.levels: list[LevelTokens] = [] if num_levels is None else _levels(num_levels)
+
+    def update(
+        self, predictions: ArrayLike | Sequence[ArrayLike], targets: ArrayLike | Sequence[ArrayLike]
+    ) -> None:
+        pairs = checked_level_pairs(predictions, targets)
+        n = self.num_levels if self.num_levels is not None else len(pairs)
+        if n == 0:  # no levels given to a group without a fixed count: nothing to add
+            return
+        if not (len(pairs) == n or (len(pairs) > n and len(pairs) % n == 0)):
+            raise ValueError(
+                f"predictions: got {len(pairs)} levels; expected num_hierarchies={n} "
+                "(set num_hierarchies on the logger to match the model)"
+            )
+        if not self.levels:
+            self.num_levels, self.levels = n, _levels(n)
+        for i, (p, t) in enumerate(pairs):
+            if p.numel() == 0:
+                log.warning(
+                    "prediction_quality: level %d is empty (shape %s); skipped", i % n, tuple(p.shape)
+                )
+            self.levels[i % n].update(p, t)
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        return [part for level in self.levels for part in level.sync_parts(rank, world, device)]
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        for i, level in enumerate(self.levels):
+            level.load_sync(parts[3 * i : 3 * i + 3])
+
+    def compute(self) -> RawValues:
+        return {tag: value for level in self.levels for tag, value in level.compute().items()}
+
+
+def _levels(n: int) -> list[LevelTokens]:
+    if n < 1:
+        raise ValueError(f"num_levels: got {n}; expected >= 1")
+    return [LevelTokens(level) for level in range(n)]
+
+
 def prediction_quality(
     predictions: ArrayLike | Sequence[ArrayLike],
     targets: ArrayLike | Sequence[ArrayLike],
@@ -139,12 +193,6 @@ def prediction_quality(
     (std unbiased), ``normalized_mse`` = mean ``‖n̂(p) − n̂(t)‖²`` in [0, 4], ``l2_distance`` = mean
     ``‖p − t‖`` on raw features. Empty levels are skipped with a warning.
     """
-    raw: dict[str, torch.Tensor | float] = {}
-    for level, (p, t) in enumerate(checked_level_pairs(predictions, targets)):
-        if p.numel() == 0:
-            log.warning("prediction_quality: level %d is empty (shape %s); skipped", level, tuple(p.shape))
-            continue
-        state = PredictionAccumulator()
-        state.update(p, t)
-        raw.update(state.compute(level))
-    return to_host(raw)
+    state = PredictionAccumulator()
+    state.update(predictions, targets)
+    return to_host(state.compute())

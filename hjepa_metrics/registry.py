@@ -123,6 +123,7 @@ class TagSpec:
     defaults: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     formula: str = ""
+    healthy: str = ""
 
     @property
     def per_level(self) -> bool:
@@ -445,8 +446,9 @@ REGISTRY: tuple[TagSpec, ...] = (
         "%",
         "Share of logged steps where clipping applied; < 10% is good",
         "Gradient Flow",
-        alert=AlertRule("clipping most steps: learning rate too high", above=50.0),
+        alert=AlertRule("learning rate too high", above=50.0),
         formula="100 · clipped calls / calls",
+        healthy="< 10 %",
     ),
     # --- learning rate
     TagSpec(
@@ -656,9 +658,26 @@ REGISTRY: tuple[TagSpec, ...] = (
         "Masking",
         formula="num_patches − num_masked_patches",
     ),
+    # --- media (the guide's "Advanced" section): histograms and images, not scalars
+    TagSpec(
+        "feature_distributions/level{level}",
+        "media",
+        "histogram",
+        "Distribution of the level-{level} predicted feature values",
+        formula="histogram of pred[l] (non-finite values dropped)",
+    ),
+    TagSpec(
+        "patches/{image}",
+        "media",
+        "image",
+        "A per-patch visualization ({image}): image, prediction cosine and mask",
+        defaults=("detailed_analysis",),
+        formula="a matplotlib figure or an HW/CHW/HWC array",
+    ),
 )
 
 GROUPS = tuple(dict.fromkeys(spec.group for spec in REGISTRY))
+TOTAL_LOSS = "loss/total"  # the curve a report's loss trend is read from
 
 
 def tags(num_hierarchies: int = 3) -> list[str]:

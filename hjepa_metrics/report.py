@@ -13,6 +13,7 @@ import numpy as np
 
 from writers import read_jsonl
 
+from . import registry
 from .alerts import Alert, AlertMonitor
 from .layout import layout_tree
 from .replay import levels_in
@@ -50,12 +51,23 @@ def _last(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str) -> float |
     return float(finite[-1]) if finite.size else None
 
 
+def _fires_at_end(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str, n: int) -> str | None:
+    """The rule's text when the last finite value of ``tag`` is outside the registry's range."""
+    match = registry.lookup(tag)
+    value = _last(series, tag)
+    if match is None or match.spec.alert is None or value is None:
+        return None
+    if match.spec.alert.fires(value, level=match.level, num_hierarchies=n):
+        return f"{registry.strip_prefix(tag)} = {value:.3g} ({match.spec.alert.describe()})"
+    return None
+
+
 def summarize(
     series: dict[str, tuple[np.ndarray, np.ndarray]], num_hierarchies: int, alerts: list[Alert]
 ) -> list[str]:
-    """Collapse risk, clipping share and loss trend in a few sentences."""
+    """Loss trend, collapse risk and clipping share in a few sentences, judged by the registry's rules."""
     lines = []
-    loss = series.get("train/loss/total")
+    loss = series.get("train/" + registry.TOTAL_LOSS)
     if loss is not None and np.isfinite(loss[1]).sum() >= 2:
         steps, values = loss[0][np.isfinite(loss[1])], loss[1][np.isfinite(loss[1])]
         tail = max(2, len(values) // 5)
@@ -67,36 +79,29 @@ def summarize(
             f"over steps {steps[0]}-{steps[-1]}; "
             f"{trend} at the end (slope {slope:.3g} per step over the last {tail} points)."
         )
-    risks = []
-    for level in range(num_hierarchies):
-        tag = f"train/collapse/level{level}_"
-        std, sim, rank = (
-            _last(series, tag + k) for k in ("mean_std_per_dim", "mean_similarity", "effective_rank")
+    collapse_tags = sorted(
+        t for t in series if (m := registry.lookup(t)) is not None and m.spec.group == "collapse"
+    )
+    if collapse_tags:
+        now = [f for t in collapse_tags if (f := _fires_at_end(series, t, num_hierarchies))]
+        during = {a.tag for a in alerts if a.tag in collapse_tags}
+        if now:
+            lines.append(f"Collapse risk: HIGH ({'; '.join(now)}).")
+        elif during:
+            lines.append(
+                f"Collapse risk: MODERATE (alerts during the run on {', '.join(sorted(during))}; "
+                "back in range at the end)."
+            )
+        else:
+            lines.append("Collapse risk: LOW (no collapse alert fired).")
+    clip_tag = "train/gradient/clipping_percentage"
+    clip, clip_match = _last(series, clip_tag), registry.lookup(clip_tag)
+    if clip is not None and clip_match is not None:
+        fired = _fires_at_end(series, clip_tag, num_hierarchies)
+        verdict = f"{clip_match.spec.alert.message}?" if fired and clip_match.spec.alert else "no alert"
+        lines.append(
+            f"Gradient clipping: {clip:.1f}% of logged steps ({verdict}; healthy: {clip_match.spec.healthy})."
         )
-        first_rank = series.get(tag + "effective_rank")
-        if std is None and sim is None:
-            continue
-        flags = []
-        if std is not None and std < 0.01:
-            flags.append(f"mean std per dim {std:.3g} < 0.01")
-        if sim is not None and sim > 0.7:
-            flags.append(f"mean similarity {sim:.3g} > 0.7")
-        if rank is not None and first_rank is not None and first_rank[1].size and first_rank[1][0] > 0:
-            drop = 1 - rank / first_rank[1][0]
-            if drop > 0.5:
-                flags.append(f"effective rank fell {100 * drop:.0f}% ({first_rank[1][0]:.3g} -> {rank:.3g})")
-        risks.append(f"level {level}: " + ("; ".join(flags) if flags else "no sign of collapse"))
-    if risks:
-        worst = (
-            "HIGH"
-            if any("<" in r or ">" in r for r in risks)
-            else ("MODERATE" if any("fell" in r for r in risks) else "LOW")
-        )
-        lines.append(f"Collapse risk: {worst} ({'; '.join(risks)}).")
-    clip = _last(series, "train/gradient/clipping_percentage")
-    if clip is not None:
-        verdict = "learning rate too high?" if clip > 50 else ("fine" if clip < 10 else "watch it")
-        lines.append(f"Gradient clipping: {clip:.1f}% of logged steps ({verdict}; the guide wants < 10%).")
     lines.append(f"Alerts fired: {len(alerts)}.")
     return lines
 

@@ -130,31 +130,3 @@ def test_bad_shapes_are_clear_errors() -> None:
         collapse_metrics(torch.randn(0, 8))
     with pytest.raises(TypeError, match="features"):
         collapse_metrics([[1.0, 2.0]])  # type: ignore[arg-type]
-
-
-def test_accumulating_batches_equals_one_call_on_the_concatenation() -> None:
-    from hjepa_metrics.collapse import CollapseAccumulator
-    from hjepa_metrics.prediction import PredictionAccumulator
-
-    gen = torch.Generator().manual_seed(5)
-    batches = [torch.randn(n, 12, generator=gen) for n in (700, 1, 333, 1200)]
-    acc = CollapseAccumulator(max_similarity_rows=256)
-    for b in batches:
-        acc.update(b)
-    from hjepa_metrics._tensor import to_host
-
-    got = to_host(acc.compute(level=1))
-    want = collapse_metrics(torch.cat(batches), level=1, max_similarity_rows=256)
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
-
-    preds = [torch.randn(4, 9, 6, generator=gen) for _ in range(3)]
-    targs = [torch.randn(4, 9, 6, generator=gen) for _ in range(3)]
-    state = PredictionAccumulator()
-    for p, t in zip(preds, targs, strict=True):
-        state.update(p, t)
-    from hjepa_metrics import prediction_quality
-
-    whole = prediction_quality(torch.cat(preds), torch.cat(targs))
-    for key, value in to_host(state.compute(0)).items():
-        assert value == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key

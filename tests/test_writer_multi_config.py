@@ -219,7 +219,7 @@ def test_missing_extra_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_entry_point_writers_are_selectable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import writers.config as config_module
+    import writers.backends as config_module
 
     class EP:
         name = "memory"

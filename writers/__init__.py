@@ -6,41 +6,32 @@ are imported only when a writer for them is built.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from .adapters import MetricsLoggerWriter, writer_from
+from .backends import available_backends
 from .background import BackgroundWriter
-from .base import BaseWriter, Writer
+from .base import Backend, BaseWriter, Location, Writer
 from .config import build_writers, load_config
 from .jsonl import JSONLWriter, read_jsonl
+from .mlflow import MLflowWriter
 from .multi import MultiWriter
-
-if TYPE_CHECKING:
-    from .mlflow import MLflowWriter
-    from .tensorboard import TensorBoardWriter
-    from .wandb import WandbWriter
-
-_LAZY = {"TensorBoardWriter": "tensorboard", "WandbWriter": "wandb", "MLflowWriter": "mlflow"}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'writers' has no attribute {name!r}")
-    from importlib import import_module
-
-    return getattr(import_module(f".{module}", __name__), name)
-
+from .tensorboard import TensorBoardWriter
+from .wandb import WandbWriter
 
 __all__ = [
+    "Backend",
     "BackgroundWriter",
     "BaseWriter",
     "JSONLWriter",
+    "Location",
     "MLflowWriter",
+    "MetricsLoggerWriter",
     "MultiWriter",
     "TensorBoardWriter",
     "WandbWriter",
     "Writer",
+    "available_backends",
     "build_writers",
     "load_config",
     "read_jsonl",
+    "writer_from",
 ]

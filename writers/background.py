@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ._media import Histogram, image_png, is_figure, to_numpy
-from .base import BaseWriter, LayoutDict, Writer, check_step, crash_watch
+from .base import BaseWriter, LayoutDict, Location, Writer, check_step, crash_watch
 
 log = logging.getLogger("writers.background")
 
@@ -156,17 +156,21 @@ class BackgroundWriter(BaseWriter):
         self._put("log_layout", layout)
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
-        if hasattr(self.inner, "define_summaries"):
-            self._put("define_summaries", dict(summaries))
+        self._put("define_summaries", dict(summaries))
+
+    def locations(self) -> list[Location]:
+        return self.inner.locations()
+
+    def error_counts(self) -> dict[str, int]:
+        return {self.name: self.errors} if self.errors else {}
 
     def flush(self) -> None:
         self._put("flush", wait=True)
 
     def _close(self, failed: bool) -> None:
         if self._thread.is_alive():
-            kwargs = {"failed": failed} if isinstance(self.inner, BaseWriter) else {}
             try:
-                self._queue.put(("close", (), kwargs, None), timeout=self.stall_timeout)
+                self._queue.put(("close", (), {"failed": failed}, None), timeout=self.stall_timeout)
                 self._queue.put(_STOP, timeout=self.stall_timeout)
             except queue.Full:
                 pass

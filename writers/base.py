@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import re
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,9 +21,25 @@ log = logging.getLogger("writers")
 LayoutDict = Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where a writer puts its data and the command that opens it, for "where to look" lines."""
+
+    backend: str
+    where: str
+    command: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.where}" + (f"  ({self.command})" if self.command else "")
+
+
 @runtime_checkable
 class Writer(Protocol):
-    """Puts tagged values somewhere. Steps are ints; tags are full names (``train/loss/total``)."""
+    """Puts tagged values somewhere. Steps are ints; tags are full names (``train/loss/total``).
+
+    The whole contract a caller may use; :class:`BaseWriter` gives a no-op default for each, so a
+    backend overrides only what it supports.
+    """
 
     name: str
 
@@ -37,15 +55,61 @@ class Writer(Protocol):
 
     def log_layout(self, layout: LayoutDict) -> None: ...
 
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        """Which summary (``min``, ``max``, ...) a tracker keeps per tag; trackers without one ignore it."""
+
+    def locations(self) -> list[Location]:
+        """Where this writer writes (empty for a writer that writes nowhere)."""
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed calls so far per backend name (empty when none failed)."""
+
     def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool | None = None) -> None:
+        """Flush and release; ``failed`` marks the run failed where the backend has a run status
+        (``None``: failed if the process is dying of an uncaught exception)."""
 
     def __enter__(self) -> Writer: ...
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+Factory = Callable[[Mapping[str, Any], Mapping[str, Any]], Writer]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Everything the project knows about one backend, declared once in the backend's module.
+
+    ``options`` are the keys of its config section with their defaults (``None``: derived from the
+    common keys ``experiment_name``, ``log_dir`` and ``resume``; an ``options`` of ``None`` accepts
+    any key); ``build(section, common)`` makes the writer; ``writes`` is its line in the docs table.
+    """
+
+    name: str
+    build: Factory
+    extra: str | None = None
+    options: Mapping[str, Any] | None = None
+    writes: str = ""
+    writer: type | None = None
+
+    def checked_section(self, section: Any) -> Mapping[str, Any]:
+        """The config section, its keys checked against :attr:`options`."""
+        if section is None:
+            return {}
+        if not isinstance(section, Mapping):
+            raise ValueError(f"config[{self.name!r}]: got {type(section).__name__}; expected a mapping")
+        if self.options is not None:
+            unknown = sorted(set(section) - set(self.options) - {"enabled"})
+            if unknown:
+                raise ValueError(
+                    f"config[{self.name!r}]: unknown keys {unknown}; "
+                    f"expected some of {sorted({*self.options, 'enabled'})}"
+                )
+        return section
 
 
 class _CrashWatch:
@@ -75,13 +139,10 @@ class _CrashWatch:
         self.install()
         self._open.add(writer)
 
-    def forget(self, writer: BaseWriter) -> None:
-        self._open.discard(writer)
-
-    def adopt(self, writer: object) -> None:
+    def adopt(self, writer: Writer) -> None:
         """``writer`` now belongs to a wrapper that closes it (in order) at exit; don't close it twice."""
-        if isinstance(writer, BaseWriter):
-            self.forget(writer)
+        with contextlib.suppress(TypeError):  # a writer that is not weak-referenceable was never tracked
+            self._open.discard(writer)  # type: ignore[arg-type]
 
     def _close_all(self) -> None:
         for writer in list(self._open):
@@ -127,8 +188,13 @@ class BaseWriter:
         del layout
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
-        """Optional: which summary (``min``, ``max``, ``last``, ...) a tracker keeps per tag."""
         del summaries
+
+    def locations(self) -> list[Location]:
+        return []
+
+    def error_counts(self) -> dict[str, int]:
+        return {}
 
     def flush(self) -> None:
         pass
@@ -137,7 +203,7 @@ class BaseWriter:
         if self._closed:
             return
         self._closed = True
-        crash_watch.forget(self)
+        crash_watch.adopt(self)
         self._close(crash_watch.failed if failed is None else failed)
 
     def _close(self, failed: bool) -> None:
@@ -241,3 +307,16 @@ def flatten(config: Mapping[str, Any], parent: str = "", sep: str = ".") -> dict
         else:
             out[name] = value
     return out
+
+
+def as_list(value: Any) -> list[str] | None:
+    """A list of names from a list or a comma-separated string (``None`` stays ``None``).
+
+    >>> as_list("tensorboard, jsonl")
+    ['tensorboard', 'jsonl']
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]

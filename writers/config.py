@@ -11,8 +11,8 @@ The shape mirrors the guide's ``logging:`` section::
       mlflow: {enabled: false, tracking_uri: http://mlflow:5000, run_name: first}
       jsonl: {enabled: true, path: runs/hjepa_vit_s/metrics.jsonl}
 
-Third-party writers register a factory ``(section: dict, common: dict) -> Writer`` under the
-entry-point group ``hjepa_metrics.writers``; the entry point's name is the backend name.
+The backends and their section keys are declared once, in their modules (see :mod:`writers.backends`);
+third-party ones register under the entry-point group ``hjepa_metrics.writers``.
 """
 
 from __future__ import annotations
@@ -20,112 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .backends import available_backends
 from .background import BackgroundWriter
-from .base import Writer, missing_extra
+from .base import Writer, as_list, missing_extra
 from .multi import MultiWriter
 
 log = logging.getLogger("writers.config")
 
 ENV_PREFIX = "HJEPA_METRICS_"
-ENTRY_POINT_GROUP = "hjepa_metrics.writers"
 DEFAULT_BACKENDS = ("tensorboard", "jsonl")
 
 TOP_KEYS = frozenset(
     {"experiment_name", "log_dir", "backends", "strict", "background", "max_queue", "when_full", "resume"}
 )
-SECTION_KEYS: dict[str, frozenset[str]] = {
-    "tensorboard": frozenset({"enabled", "log_dir", "flush_secs"}),
-    "wandb": frozenset({"enabled", "project", "entity", "tags", "mode", "name", "dir", "run_id", "resume"}),
-    "mlflow": frozenset(
-        {"enabled", "tracking_uri", "experiment_name", "run_name", "run_id", "tags", "log_dir"}
-    ),
-    "jsonl": frozenset({"enabled", "path"}),
-}
-
-Factory = Callable[[Mapping[str, Any], Mapping[str, Any]], Writer]
-
-
-def _tensorboard(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
-    from .tensorboard import TensorBoardWriter
-
-    logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
-    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)), resume=common["resume"])
-
-
-def _wandb(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
-    from .wandb import WandbWriter
-
-    return WandbWriter(
-        project=section.get("project") or common["experiment_name"],
-        entity=section.get("entity"),
-        name=section.get("name"),
-        tags=_as_list(section.get("tags")),
-        mode=section.get("mode"),
-        dir=section.get("dir") or common["log_dir"],
-        run_id=section.get("run_id"),
-        resume=section.get("resume"),
-        resume_run=common["resume"],
-    )
-
-
-def _mlflow(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
-    from .mlflow import MLflowWriter
-
-    tags = section.get("tags")
-    return MLflowWriter(
-        logdir=section.get("log_dir") or common["log_dir"],
-        tracking_uri=section.get("tracking_uri"),
-        experiment_name=section.get("experiment_name") or common["experiment_name"],
-        run_name=section.get("run_name"),
-        run_id=section.get("run_id"),
-        tags=dict(tags) if isinstance(tags, Mapping) else {t: "" for t in _as_list(tags) or []},
-        resume=common["resume"],
-    )
-
-
-def _jsonl(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
-    from .jsonl import JSONLWriter
-
-    return JSONLWriter(
-        section.get("path") or Path(common["log_dir"]) / "metrics.jsonl", resume=common["resume"]
-    )
-
-
-BUILTIN: dict[str, Factory] = {
-    "tensorboard": _tensorboard,
-    "wandb": _wandb,
-    "mlflow": _mlflow,
-    "jsonl": _jsonl,
-}
-
-
-def available_backends() -> dict[str, Factory]:
-    """Built-in backends plus those registered under the ``hjepa_metrics.writers`` entry points."""
-    found = dict(BUILTIN)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, _lazy_entry_point(ep))
-    return found
-
-
-def _lazy_entry_point(ep: Any) -> Factory:
-    def factory(section: Mapping[str, Any], common: Mapping[str, Any]) -> Writer:
-        made: Writer = ep.load()(section, common)
-        return made
-
-    return factory
-
-
-def _as_list(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
 
 
 def load_config(source: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -165,10 +76,10 @@ def config_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if "config" in found:
         config = load_config(found.pop("config"))
-    sections = sorted(set(SECTION_KEYS) | set(available_backends()), key=len, reverse=True)
+    sections = sorted(available_backends(), key=len, reverse=True)
     for key, value in found.items():
         if key in TOP_KEYS:
-            config[key] = _as_list(value) if key == "backends" else value
+            config[key] = as_list(value) if key == "backends" else value
             continue
         section = next((s for s in sections if key.startswith(s + "_")), None)
         if section is None:
@@ -197,7 +108,7 @@ def selected_backends(config: Mapping[str, Any]) -> list[str]:
             f"expected {sorted(TOP_KEYS)} or a backend section {sorted(known)}"
         )
     if config.get("backends") is not None:
-        names = _as_list(config["backends"]) or []
+        names = as_list(config["backends"]) or []
     else:
         names = [n for n in known if isinstance(config.get(n), Mapping) and _truthy(config[n].get("enabled"))]
         if not names and not any(n in config for n in known):
@@ -233,17 +144,9 @@ def build_writers(
     failed: list[str] = []
     try:
         for name in names:
-            section = cfg.get(name) or {}
-            if not isinstance(section, Mapping):
-                raise ValueError(f"config[{name!r}]: got {type(section).__name__}; expected a mapping")
-            valid = SECTION_KEYS.get(name)
-            if valid is not None and set(section) - valid:
-                raise ValueError(
-                    f"config[{name!r}]: unknown keys {sorted(set(section) - valid)}; "
-                    f"expected some of {sorted(valid)}"
-                )
+            section = known[name].checked_section(cfg.get(name))
             try:
-                writers.append(known[name](section, common))
+                writers.append(known[name].build(section, common))
             except (ImportError, ValueError, TypeError):
                 raise  # a missing extra or a bad option: the user must fix the config
             except Exception as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, png_size, safe_filename
-from .base import BaseWriter, LayoutDict, ResumeGate, check_step, redact
+from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
 
 log = logging.getLogger("writers.jsonl")
 
@@ -94,6 +94,9 @@ class JSONLWriter(BaseWriter):
         self.gate = ResumeGate(self.name, last)
         self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         super().__init__()
+
+    def locations(self) -> list[Location]:
+        return [Location("JSONL", str(self.path.resolve()), "writers.read_jsonl")]
 
     # -- records
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
@@ -250,3 +253,20 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def scalar_series(records: list[dict[str, Any]], tag: str) -> list[tuple[int, float]]:
     """``[(step, value), ...]`` of one tag across the scalar records, in file order."""
     return [(r["step"], r["metrics"][tag]) for r in records if "metrics" in r and tag in r["metrics"]]
+
+
+def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> JSONLWriter:
+    return JSONLWriter(
+        section.get("path") or Path(common["log_dir"]) / "metrics.jsonl", resume=common["resume"]
+    )
+
+
+BACKEND = Backend(
+    name="jsonl",
+    build=_build,
+    extra="jsonl",
+    options={"path": None},
+    writes='one strict-JSON line per record, NaN/±inf as `"NaN"`/`"Infinity"`, never a torn line '
+    "(orjson when the extra is installed, else the standard library: same bytes)",
+    writer=JSONLWriter,
+)

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_png, safe_filename
-from .base import BaseWriter, LayoutDict, ResumeGate, check_step, flatten, missing_extra, redact
+from .base import (
+    Backend,
+    BaseWriter,
+    LayoutDict,
+    Location,
+    ResumeGate,
+    as_list,
+    check_step,
+    flatten,
+    missing_extra,
+    redact,
+)
 
 log = logging.getLogger("writers.mlflow")
 
@@ -144,6 +155,9 @@ class MLflowWriter(BaseWriter):
         self._buffer_size = max(1, min(buffer_size, MAX_METRICS_PER_BATCH))
         super().__init__()
 
+    def locations(self) -> list[Location]:
+        return [Location("MLflow", self.tracking_uri, f"mlflow ui --backend-store-uri {self.tracking_uri}")]
+
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         step = check_step(step)
         if not self.gate.allows(step):
@@ -194,3 +208,27 @@ class MLflowWriter(BaseWriter):
             self._send()
         finally:
             self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> MLflowWriter:
+    tags = section.get("tags")
+    return MLflowWriter(
+        logdir=section.get("log_dir") or common["log_dir"],
+        tracking_uri=section.get("tracking_uri"),
+        experiment_name=section.get("experiment_name") or common["experiment_name"],
+        run_name=section.get("run_name"),
+        run_id=section.get("run_id"),
+        tags=dict(tags) if isinstance(tags, Mapping) else dict.fromkeys(as_list(tags) or [], ""),
+        resume=common["resume"],
+    )
+
+
+BACKEND = Backend(
+    name="mlflow",
+    build=_build,
+    extra="mlflow",
+    options=dict.fromkeys(("tracking_uri", "experiment_name", "run_name", "run_id", "tags", "log_dir")),
+    writes="`log_batch` (≤ 1000 metrics) across steps; keys sanitized with collisions detected; images and "
+    "histograms as artifacts; run FAILED when the process dies of an exception",
+    writer=MLflowWriter,
+)

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .base import BaseWriter, LayoutDict, Writer, crash_watch
+from .base import BaseWriter, LayoutDict, Location, Writer, crash_watch
 
 log = logging.getLogger("writers.multi")
 
@@ -36,12 +36,16 @@ class MultiWriter(BaseWriter):
     def errors(self) -> Counter[str]:
         """Failed calls per writer name, those of background writers and backends that failed to start
         (counted once) included."""
+        return Counter(self.error_counts())
+
+    def error_counts(self) -> dict[str, int]:
         counts = Counter(self._errors) + Counter(self.failed_to_start)
         for writer in self.writers:
-            background = getattr(writer, "errors", None)
-            if isinstance(background, int) and background:
-                counts[writer.name] += background
-        return counts
+            counts.update(writer.error_counts())
+        return dict(counts)
+
+    def locations(self) -> list[Location]:
+        return [where for writer in self.writers for where in writer.locations()]
 
     def _each(self, action: str, call: Callable[[Writer], Any]) -> None:
         first_error: BaseException | None = None
@@ -81,29 +85,16 @@ class MultiWriter(BaseWriter):
         self._each("log_layout", lambda w: w.log_layout(layout))
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
-        self._each("define_summaries", lambda w: _define_summaries(w, summaries))
+        self._each("define_summaries", lambda w: w.define_summaries(summaries))
 
     def flush(self) -> None:
         self._each("flush", lambda w: w.flush())
 
     def _close(self, failed: bool) -> None:
-        self._each("close", lambda w: _close_writer(w, failed))
+        self._each("close", lambda w: w.close(failed=failed))
 
     def __getitem__(self, name: str) -> Writer:
         for writer in self.writers:
             if writer.name == name:
                 return writer
         raise KeyError(f"no writer named {name!r}; have {[w.name for w in self.writers]}")
-
-
-def _define_summaries(writer: Writer, summaries: Mapping[str, str]) -> None:
-    define = getattr(writer, "define_summaries", None)
-    if callable(define):
-        define(summaries)
-
-
-def _close_writer(writer: Writer, failed: bool) -> None:
-    if isinstance(writer, BaseWriter):
-        writer.close(failed=failed)
-    else:
-        writer.close()

@@ -12,7 +12,17 @@ from types import SimpleNamespace
 from typing import Any
 
 from ._media import histogram, image_png, png_size
-from .base import BaseWriter, LayoutDict, ResumeGate, check_step, flatten, missing_extra, redact
+from .base import (
+    Backend,
+    BaseWriter,
+    LayoutDict,
+    Location,
+    ResumeGate,
+    check_step,
+    flatten,
+    missing_extra,
+    redact,
+)
 
 log = logging.getLogger("writers.tensorboard")
 
@@ -105,6 +115,13 @@ class TensorBoardWriter(BaseWriter):
             str(self.logdir), max_queue_size=max_queue, flush_secs=flush_secs
         )
         super().__init__()
+
+    def locations(self) -> list[Location]:
+        return [
+            Location(
+                "TensorBoard", str(self.logdir), f"tensorboard --logdir {self.logdir}  (Custom Scalars tab)"
+            )
+        ]
 
     def _event(self, step: int, values: list[Any], wall_time: float | None = None) -> None:
         summary = self._p.summary_pb2.Summary(value=values)
@@ -203,3 +220,19 @@ class TensorBoardWriter(BaseWriter):
     def _close(self, failed: bool) -> None:
         del failed
         self._writer.close()
+
+
+def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> TensorBoardWriter:
+    logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
+    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)), resume=common["resume"])
+
+
+BACKEND = Backend(
+    name="tensorboard",
+    build=_build,
+    extra="tensorboard",
+    options={"log_dir": None, "flush_secs": 30},
+    writes="one packed `Summary` per call through tensorboard's `EventFileWriter`; histograms, images "
+    "(figures too), hparams, and the custom-scalars layout as the proto TensorBoard reads",
+    writer=TensorBoardWriter,
+)

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from ._media import histogram, image_hwc, is_figure
-from .base import BaseWriter, LayoutDict, ResumeGate, check_step, missing_extra, redact
+from .base import (
+    Backend,
+    BaseWriter,
+    LayoutDict,
+    Location,
+    ResumeGate,
+    as_list,
+    check_step,
+    missing_extra,
+    redact,
+)
 
 log = logging.getLogger("writers.wandb")
 
@@ -94,6 +104,17 @@ class WandbWriter(BaseWriter):
         self._last_step: int | None = None
         self._warned_regression = False
         super().__init__()
+
+    def locations(self) -> list[Location]:
+        run_dir = Path(self.run.dir).parent
+        offline = getattr(self.run.settings, "mode", None) == "offline"
+        return [
+            Location(
+                "W&B",
+                str(getattr(self.run, "url", None) or run_dir),
+                f"wandb sync {run_dir}" if offline else None,
+            )
+        ]
 
     @property
     def run_id(self) -> str:
@@ -178,3 +199,30 @@ class WandbWriter(BaseWriter):
         if self._wandb.run is None:
             # wandb-core lingers until teardown; stop it when no other run of this process needs it
             self._wandb.teardown()
+
+
+def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> WandbWriter:
+    return WandbWriter(
+        project=section.get("project") or common["experiment_name"],
+        entity=section.get("entity"),
+        name=section.get("name"),
+        tags=as_list(section.get("tags")),
+        mode=section.get("mode"),
+        dir=section.get("dir") or common["log_dir"],
+        run_id=section.get("run_id"),
+        resume=section.get("resume"),
+        resume_run=common["resume"],
+    )
+
+
+BACKEND = Backend(
+    name="wandb",
+    build=_build,
+    extra="wandb",
+    options=dict.fromkeys(("project", "entity", "tags", "mode", "name", "dir", "run_id", "resume")),
+    writes="one row per step against a `global_step` axis, so a lower step is kept (and warned about) "
+    "instead of dropped; run summaries from the registry (min of losses and of low-is-bad collapse tags); "
+    "media as `wandb.Histogram`/`wandb.Image`; the layout as `custom_scalars_layout.json` in the run "
+    "files; exit code 1 on failure",
+    writer=WandbWriter,
+)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..logger import HJEPAMetricsLogger, ValidationAccumulator
+from ..logger import HJEPAMetricsLogger
+from ..validation import ValidationAccumulator
 
 try:
     import lightning.pytorch as pl
