@@ -19,6 +19,7 @@ from .performance import cuda_memory_metrics, performance_metrics, timed
 from .prediction import prediction_quality
 from .registry import tags
 from .stability import training_stability
+from .training_step import log_training_step
 from .validation import ValidationAccumulator
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "hierarchical_losses",
     "hierarchy_feature_stats",
     "learning_rate",
+    "log_training_step",
     "masking_statistics",
     "performance_metrics",
     "prediction_quality",

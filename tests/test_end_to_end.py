@@ -162,8 +162,11 @@ def _method(source: str, name: str) -> Any:
 def _guide_trainer(tmp_path: Path, steps: int) -> tuple[Any, list[Any], list[Any]]:
     config = train_hjepa.default_config(steps, str(tmp_path), ["jsonl"])
     config["training"].update(log_frequency=2)
-    trainer = train_hjepa.HJEPATrainer(config, JSONLWriter(tmp_path), progress=False)
+    example_logs = {"backends": ["jsonl"], "log_dir": str(tmp_path / "example"), "background": False}
+    trainer: Any = train_hjepa.HJEPATrainer(config, example_logs, progress=False)
+    trainer.logger.close()  # the snippets log through the guide's own logger below
     # the guide's Quick Start, step 1, verbatim (its trainer keeps metrics_logger and config)
+    trainer.metrics_logger = JSONLWriter(tmp_path)
     trainer.tb_logger = HJEPATensorBoardLogger(
         metrics_logger=trainer.metrics_logger, num_hierarchies=config["model"]["num_hierarchies"]
     )

@@ -12,7 +12,6 @@ returns ``predictions``, ``targets`` and ``context_features``. A module with ``c
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from ..logger import HJEPAMetricsLogger
+from ..training_step import log_training_step
 from ..validation import ValidationAccumulator
 
 try:
@@ -84,13 +84,14 @@ class HJEPAMetricsCallback(pl.Callback):
         flow = self.logger.log_gradient_flow(pl_module, global_step=step)
         before = flow.get("train/gradient_flow/global_norm")
         clip = trainer.gradient_clip_val
-        if before is not None:
-            if clip and trainer.gradient_clip_algorithm in (None, "norm"):
-                after = before * min(1.0, float(clip) / (before + 1e-6))  # what clip_grad_norm_ leaves
-                self.logger.log_gradient_clipping(before, after, float(clip), global_step=step)
-            else:
-                self.logger.log_gradient_clipping(before, before, math.inf, global_step=step)
-        self.logger.log_learning_rate(optimizer, global_step=step)
+        norm_clipped = clip and trainer.gradient_clip_algorithm in (None, "norm")
+        log_training_step(
+            self.logger,
+            global_step=step,
+            grad_norm_before=before,
+            clip_threshold=float(clip) if norm_clipped and clip else None,
+            optimizer=optimizer,
+        )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -99,32 +100,27 @@ class HJEPAMetricsCallback(pl.Callback):
         step = max(trainer.global_step - 1, 0)
         if not isinstance(outputs, Mapping) or step % self._every(trainer):
             return
-        log = self.logger
-        loss_dict = outputs.get("loss_dict")
-        if loss_dict is not None:
-            log.log_hierarchical_losses(loss_dict, global_step=step)
-        if outputs.get("mask") is not None:
-            log.log_masking_statistics(outputs["mask"], global_step=step)
-        preds, targs = outputs.get("predictions"), outputs.get("targets")
-        if preds is not None and targs is not None:
-            log.log_prediction_quality(preds, targs, global_step=step)
-            log.log_hierarchy_feature_stats(preds, targs, global_step=step)
-        if outputs.get("context_features") is not None:
-            log.log_collapse_metrics(self._features(outputs["context_features"]), level=0, global_step=step)
-        if outputs.get("loss") is not None:
-            log.log_training_stability(current_loss=outputs["loss"], global_step=step)
-        elapsed = time.perf_counter() - self._batch_start
+        module: Any = pl_module
+        has_ema = all(hasattr(module, a) for a in ("context_encoder", "target_encoder", "momentum"))
+        feats = outputs.get("context_features")
         batch_size = len(batch) if isinstance(batch, torch.Tensor) else _batch_size(batch)
-        log.log_performance_metrics(batch_size, elapsed, 0.0, global_step=step)
-        if all(hasattr(pl_module, a) for a in ("context_encoder", "target_encoder", "momentum")):
-            module: Any = pl_module
-            log.log_ema_dynamics(
-                module.context_encoder,
-                module.target_encoder,
-                float(module.momentum),
-                float(getattr(module, "momentum_end", 1.0)),
-                global_step=step,
-            )
+        log_training_step(
+            self.logger,
+            global_step=step,
+            loss_dict=outputs.get("loss_dict"),
+            current_loss=outputs.get("loss"),
+            mask=outputs.get("mask"),
+            predictions=outputs.get("predictions"),
+            targets=outputs.get("targets"),
+            collapse_features=[self._features(feats)] if feats is not None else None,
+            batch_size=batch_size,
+            forward_time=time.perf_counter() - self._batch_start,
+            backward_time=0.0,
+            context_encoder=module.context_encoder if has_ema else None,
+            target_encoder=module.target_encoder if has_ema else None,
+            momentum=float(module.momentum) if has_ema else None,
+            target_momentum=float(getattr(module, "momentum_end", 1.0)),
+        )
 
     # -- validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
