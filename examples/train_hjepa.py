@@ -128,7 +128,7 @@ class HJEPATrainer:
             fig = visualize_patches(images, output, mask, self.model.grid)
             if fig is not None:
                 self.logger.log_image("patches/detailed_analysis", fig, self.global_step)
-        return float(loss_dict["loss"])
+        return float(loss_dict["loss"].detach())
 
     def validate(self) -> dict[str, float]:
         """Prediction and collapse statistics over every validation batch, per level, logged once."""

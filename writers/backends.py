@@ -44,6 +44,6 @@ def backends_markdown() -> str:
     """The backends table of the docs, generated from the declarations."""
     rows = ["| backend | extra | what it writes |", "|---|---|---|"]
     for b in BUILTIN.values():
-        extra = f'`pip install "hjepa-metrics[{b.extra}]"`' if b.extra else "none"
+        extra = f"`[{b.extra}]`" if b.extra else "none"
         rows.append(f"| `{b.name}` | {extra} | {b.writes} |")
     return "\n".join(rows) + "\n"

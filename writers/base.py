@@ -30,7 +30,9 @@ class Location:
     command: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.backend}: {self.where}" + (f"  ({self.command})" if self.command else "")
+        return f"{self.backend + ':':<13}{self.where}" + (
+            f"\n{'':<13}open: {self.command}" if self.command else ""
+        )
 
 
 @runtime_checkable
