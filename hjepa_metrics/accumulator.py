@@ -30,3 +30,14 @@ class Accumulator(Protocol):
 
     def load_sync(self, parts: list[torch.Tensor]) -> None:
         """Replace the state with the summed :meth:`sync_parts` of every rank."""
+
+
+class RankLocal:
+    """Base of accumulators whose state stays on each rank (nothing to share in the reduction)."""
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        del rank, world, device
+        return []
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        del parts

@@ -8,7 +8,7 @@ import torch
 
 from ._params import NamedTensors, foreach_norms, named_tensors
 from ._tensor import Scalar, accumulate_dtype, scalar_tensor, to_host
-from .accumulator import RawValues
+from .accumulator import RankLocal, RawValues
 
 
 def gradient_flow(
@@ -59,7 +59,7 @@ def gradient_flow(
     return to_host(raw)
 
 
-class ClippingAccumulator:
+class ClippingAccumulator(RankLocal):
     """Clipping around ``clip_grad_norm_``: this call's norms and flag, and the clipped share of every
     call since construction or :meth:`reset`.
 
@@ -104,13 +104,6 @@ class ClippingAccumulator:
 
     def reset(self) -> None:
         self.calls = self.clipped = 0
-
-    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
-        del rank, world, device
-        return []
-
-    def load_sync(self, parts: list[torch.Tensor]) -> None:
-        del parts
 
     def compute(self) -> RawValues:
         return dict(self._last)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ._tensor import Scalar, accumulate_dtype, as_tensor, host_list, scalar_tensor, to_host
-from .accumulator import RawValues
+from .accumulator import RankLocal, RawValues
 
 SMOOTHNESS_WINDOW = 50
 TREND_WINDOW = 20
@@ -19,7 +19,7 @@ TREND_MIN_POINTS = 5
 Losses = Sequence[Scalar] | np.ndarray | torch.Tensor
 
 
-class LossHistory:
+class LossHistory(RankLocal):
     """The last ``maxlen`` losses (all of them for ``None``), oldest first, as host floats.
 
     ``update`` takes one loss or a sequence of them (list, tuple, numpy array, 1-D tensor), moved to
@@ -50,13 +50,6 @@ class LossHistory:
         items = list(losses) if isinstance(losses, Sequence) else [losses]
         host = to_host({str(i): scalar_tensor(v, f"loss_history[{i}]") for i, v in enumerate(items)})
         self.values.extend(host.values())
-
-    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
-        del rank, world, device
-        return []
-
-    def load_sync(self, parts: list[torch.Tensor]) -> None:
-        del parts
 
     def compute(self) -> RawValues:
         """Smoothness (population std of the last 50), trend slope (least squares, last 20, needs 5)
