@@ -48,7 +48,7 @@ def test_each_builtin_backend_is_reachable_from_its_declaration(
         "log_dir": str(tmp_path),
         "backends": [name],
         "background": False,
-        name: _section(name, tmp_path),
+        name: _section(name),
     }
     writer = build_writers(config)
     assert backend.writer is not None and isinstance(writer, backend.writer)
