@@ -677,7 +677,9 @@ REGISTRY: tuple[TagSpec, ...] = (
 )
 
 GROUPS = tuple(dict.fromkeys(spec.group for spec in REGISTRY))
-TOTAL_LOSS = "loss/total"  # the curve a report's loss trend is read from
+# the tags a report's summary sentences are read from
+TOTAL_LOSS = "loss/total"
+CLIPPING_SHARE = "gradient/clipping_percentage"
 
 
 def tags(num_hierarchies: int = 3) -> list[str]:

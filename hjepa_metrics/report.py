@@ -94,7 +94,7 @@ def summarize(
             )
         else:
             lines.append("Collapse risk: LOW (no collapse alert fired).")
-    clip_tag = "train/gradient/clipping_percentage"
+    clip_tag = "train/" + registry.CLIPPING_SHARE
     clip, clip_match = _last(series, clip_tag), registry.lookup(clip_tag)
     if clip is not None and clip_match is not None:
         fired = _fires_at_end(series, clip_tag, num_hierarchies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import struct
@@ -167,10 +168,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 def safe_filename(tag: str) -> str:
     """A single path component for ``tag``: no separators, no ``..``, no leading dot, never empty.
+    Where sanitising changed the tag, a short hash of the full tag is appended, so two tags never
+    share a file name (``attn/map`` and ``attn_map``, or two non-ASCII tags).
 
-    >>> safe_filename("../../etc/passwd")
-    'etc_passwd'
+    >>> safe_filename("attn_map"), safe_filename("attn/map")
+    ('attn_map', 'attn_map-8b79778d')
     """
     name = _UNSAFE.sub("_", tag.replace("/", "_")).replace("..", "_")
-    name = re.sub(r"_+", "_", name).strip("._")
-    return name[:200] or "unnamed"
+    name = re.sub(r"_+", "_", name).strip("._")[:200] or "unnamed"
+    if name == tag:
+        return name
+    return f"{name}-{hashlib.sha1(tag.encode('utf-8')).hexdigest()[:8]}"
