@@ -53,7 +53,7 @@ def hierarchical_losses(
     out.setdefault("loss/unweighted", sum(levels) / num_hierarchies)
     weighted = [w * v for w, v in zip(weights, levels, strict=True)]
     denominator = sum(weighted)
-    if denominator > 0:
+    if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %
         for i, part in enumerate(weighted):
             out[f"loss/contribution_h{i}"] = 100.0 * part / denominator
     return out

@@ -51,7 +51,8 @@ class LevelTokens:
         cos, nmse, dist = token_cosine(pred, targ)
         acc = accumulate_dtype(cos.device)
         c = cos.to(acc)
-        bad = ~(torch.isfinite(pred).all(dim=-1) & torch.isfinite(targ).all(dim=-1))
+        # a token whose statistics are not finite: a NaN/inf input, or a float32 overflow inside
+        bad = ~(torch.isfinite(cos) & torch.isfinite(dist))
         sums = torch.stack(
             [c.sum(), (c * c).sum(), nmse.to(acc).sum(), dist.to(acc).sum(), bad.sum().to(acc)]
         )

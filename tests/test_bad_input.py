@@ -168,3 +168,23 @@ def test_fuzz_gradients_and_ema(arrays_: list[np.ndarray]) -> None:
         params[f"m{i % 2}.p{i}"] = p
     _fuzz(lambda: hm.gradient_flow(params, per_parameter=True))
     _fuzz(lambda: hm.ema_dynamics(params, params, 0.99, 1.0))
+
+
+def test_numeric_honesty_never_a_finite_zero_for_nan_or_overflow() -> None:
+    # float32 features near 1e19 overflow inside the cosine: counted, not hidden
+    p = torch.full((2, 3, 4), 1e19)
+    out = hm.prediction_quality([p], [-p])
+    assert out["health/prediction_level0_nonfinite"] == 6.0
+    # an infinite level loss: the shares are undefined, not 0 %
+    losses = hm.hierarchical_losses({"loss": 1.0, "loss_h0": 0.4, "loss_h1": math.inf}, num_hierarchies=2)
+    assert "loss/contribution_h0" not in losses and "loss/contribution_h1" not in losses
+    # a NaN gradient norm: the clipping ratio is NaN, not "nothing clipped"
+    assert math.isnan(hm.gradient_clipping(math.nan, math.nan, 1.0)["gradient/clipping_ratio"])
+    # every sequence type of numbers is a loss history
+    for history in (
+        [1.0, 2.0, 3.0],
+        (1.0, 2.0, 3.0),
+        np.array([1.0, 2.0, 3.0]),
+        torch.tensor([1.0, 2.0, 3.0]),
+    ):
+        assert hm.training_stability(history)["stability/loss_spike_ratio"] == 3.0
