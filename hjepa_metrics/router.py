@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from writers import BaseWriter, Writer
+from writers.base import exit_failed
 
 from ._tensor import ArrayLike, to_host
 from .accumulator import Accumulator
@@ -119,4 +120,4 @@ class MetricRouter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close(failed=exc is not None)
+        self.close(failed=exit_failed(exc))

@@ -203,6 +203,36 @@ def test_exception_in_the_training_loop_marks_runs_failed(tmp_path: Path) -> Non
     assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["metrics"] == {"train/loss/total": 1.0}
 
 
+@pytest.mark.parametrize(
+    ("exit_call", "code", "status"), [("sys.exit(0)", 0, "FINISHED"), ("sys.exit(3)", 3, "FAILED")]
+)
+def test_sys_exit_inside_with_sets_the_run_status_by_exit_code(
+    tmp_path: Path, exit_call: str, code: int, status: str
+) -> None:
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import wandb_reader
+    from mlflow.tracking import MlflowClient
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from hjepa_metrics import HJEPAMetricsLogger
+        with HJEPAMetricsLogger(config={{"log_dir": {str(tmp_path)!r},
+                "backends": ["mlflow", "wandb"], "wandb": {{"mode": "offline", "project": "p"}}}}) as logger:
+            logger.log_scalars({{"loss/total": 1.0}}, global_step=1)
+            {exit_call}
+        """
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == code, out.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    run_id = (tmp_path / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == status
+    assert wandb_reader.exit_codes(tmp_path) == [0 if status == "FINISHED" else 1]
+
+
 def test_no_network_beyond_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 

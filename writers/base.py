@@ -218,7 +218,7 @@ class BaseWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close(failed=exc is not None)
+        self.close(failed=exit_failed(exc))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -322,3 +322,17 @@ def as_list(value: Any) -> list[str] | None:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return [str(v) for v in value]
+
+
+def exit_failed(exc: BaseException | None) -> bool:
+    """Whether leaving a ``with`` block on ``exc`` means the run failed: any exception but
+    ``sys.exit(0)`` / ``sys.exit()`` (a normal exit, as the process's own exit status says).
+
+    >>> exit_failed(SystemExit(0)), exit_failed(SystemExit(2)), exit_failed(None)
+    (False, True, False)
+    """
+    if exc is None:
+        return False
+    if isinstance(exc, SystemExit):
+        return exc.code not in (0, None)
+    return True
