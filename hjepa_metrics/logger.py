@@ -188,11 +188,7 @@ class HJEPAMetricsLogger(MetricRouter):
         if loss_history is None:
             self.losses.update(current_loss)
             return self.log_accumulated([self.losses], global_step, prefix)
-        state = LossHistory(maxlen=None)
-        state.update(loss_history)
-        if not len(state):  # the guide's signature: an empty history means just the current loss
-            state.update(current_loss)
-        return self.log_accumulated([state], global_step, prefix)
+        return self.log_accumulated([LossHistory.of(loss_history, current_loss)], global_step, prefix)
 
     def log_performance_metrics(
         self,

@@ -36,6 +36,8 @@ class LevelTokens:
     """Token statistics of one level over any number of batches: count, Σc, Σc², min, max,
     Σnmse and Σ‖p − t‖, kept on the device in float64."""
 
+    SYNC_PARTS = 3  # sums, per-rank extremes, per-rank count and presence
+
     def __init__(self, level: int) -> None:
         self.level = level
         self.count = 0
@@ -171,7 +173,8 @@ class PredictionAccumulator:
 
     def load_sync(self, parts: list[torch.Tensor]) -> None:
         for i, level in enumerate(self.levels):
-            level.load_sync(parts[3 * i : 3 * i + 3])
+            n = LevelTokens.SYNC_PARTS
+            level.load_sync(parts[n * i : n * (i + 1)])
 
     def compute(self) -> RawValues:
         return {tag: value for level in self.levels for tag, value in level.compute().items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,17 @@ class LossHistory(RankLocal):
             raise ValueError(f"loss_history_size: got {maxlen}; expected >= 1 or None")
         self.values: deque[float] = deque(maxlen=maxlen)
 
-    def __iter__(self) -> Iterator[float]:
-        return iter(self.values)
+    @classmethod
+    def of(cls, loss_history: Losses, current_loss: Scalar | None = None) -> LossHistory:
+        """An unbounded history of the caller's ``loss_history``, or of ``current_loss`` alone when
+        that is empty (the guide's signature)."""
+        if isinstance(loss_history, (int, float)):
+            raise TypeError(f"loss_history: got {type(loss_history).__name__}; expected a sequence of losses")
+        state = cls(maxlen=None)
+        state.update(loss_history)
+        if not len(state) and current_loss is not None:
+            state.update(current_loss)
+        return state
 
     def __len__(self) -> int:
         return len(self.values)
@@ -78,10 +87,4 @@ def training_stability(loss_history: Losses, current_loss: Scalar | None = None)
     the guide's signature and used only if the history is empty). Non-finite values are skipped and
     counted in ``stability/nonfinite_count``. Fewer than 2 finite values: only the count is returned.
     """
-    if isinstance(loss_history, (int, float)):
-        raise TypeError(f"loss_history: got {type(loss_history).__name__}; expected a sequence of losses")
-    state = LossHistory(maxlen=None)
-    state.update(loss_history)
-    if not len(state) and current_loss is not None:
-        state.update(current_loss)
-    return {k: float(v) for k, v in state.compute().items()}
+    return {k: float(v) for k, v in LossHistory.of(loss_history, current_loss).compute().items()}

@@ -59,7 +59,7 @@ class BackgroundWriter(BaseWriter):
         self._thread = threading.Thread(target=self._work, name=f"writers-{self.name}", daemon=True)
         self._thread.start()
         super().__init__()
-        crash_watch.adopt(inner)
+        crash_watch.forget(inner)
 
     # -- worker
     def _work(self) -> None:

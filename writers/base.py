@@ -99,9 +99,9 @@ class Backend:
     writer: type | None = None
 
     def checked_section(self, section: Any) -> Mapping[str, Any]:
-        """The config section, its keys checked against :attr:`options`."""
+        """The config section, its keys checked against :attr:`options`, declared defaults filled in."""
         if section is None:
-            return {}
+            section = {}
         if not isinstance(section, Mapping):
             raise ValueError(f"config[{self.name!r}]: got {type(section).__name__}; expected a mapping")
         if self.options is not None:
@@ -111,6 +111,7 @@ class Backend:
                     f"config[{self.name!r}]: unknown keys {unknown}; "
                     f"expected some of {sorted({*self.options, 'enabled'})}"
                 )
+            return {**{k: v for k, v in self.options.items() if v is not None}, **section}
         return section
 
 
@@ -141,8 +142,9 @@ class _CrashWatch:
         self.install()
         self._open.add(writer)
 
-    def adopt(self, writer: Writer) -> None:
-        """``writer`` now belongs to a wrapper that closes it (in order) at exit; don't close it twice."""
+    def forget(self, writer: Writer) -> None:
+        """Stop closing ``writer`` at exit: it is closed already, or a wrapper owns it and closes it in
+        order."""
         with contextlib.suppress(TypeError):  # a writer that is not weak-referenceable was never tracked
             self._open.discard(writer)  # type: ignore[arg-type]
 
@@ -205,7 +207,7 @@ class BaseWriter:
         if self._closed:
             return
         self._closed = True
-        crash_watch.adopt(self)
+        crash_watch.forget(self)
         self._close(crash_watch.failed if failed is None else failed)
 
     def _close(self, failed: bool) -> None:

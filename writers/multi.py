@@ -30,7 +30,7 @@ class MultiWriter(BaseWriter):
         self.failed_to_start: list[str] = []
         super().__init__()
         for writer in self.writers:
-            crash_watch.adopt(writer)
+            crash_watch.forget(writer)
 
     @property
     def errors(self) -> Counter[str]:

@@ -224,7 +224,7 @@ class TensorBoardWriter(BaseWriter):
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> TensorBoardWriter:
     logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
-    return TensorBoardWriter(logdir, flush_secs=int(section.get("flush_secs", 30)), resume=common["resume"])
+    return TensorBoardWriter(logdir, flush_secs=int(section["flush_secs"]), resume=common["resume"])
 
 
 BACKEND = Backend(

@@ -84,12 +84,12 @@ class HJEPAMetricsCallback(pl.Callback):
         flow = self.logger.log_gradient_flow(pl_module, global_step=step)
         before = flow.get("train/gradient_flow/global_norm")
         clip = trainer.gradient_clip_val
-        norm_clipped = clip and trainer.gradient_clip_algorithm in (None, "norm")
+        by_norm = trainer.gradient_clip_algorithm in (None, "norm")
         log_training_step(
             self.logger,
             global_step=step,
             grad_norm_before=before,
-            clip_threshold=float(clip) if norm_clipped and clip else None,
+            clip_threshold=float(clip) if clip and by_norm else None,
             optimizer=optimizer,
         )
 
