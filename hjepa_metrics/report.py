@@ -58,7 +58,7 @@ def _fires_at_end(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str, n:
     if match is None or match.spec.alert is None or value is None:
         return None
     if match.spec.alert.fires(value, level=match.level, num_hierarchies=n):
-        return f"{registry.strip_prefix(tag)} = {value:.3g} ({match.spec.alert.describe()})"
+        return f"{tag} = {value:.3g} ({match.spec.alert.describe()})"
     return None
 
 

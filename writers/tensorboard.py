@@ -117,11 +117,9 @@ class TensorBoardWriter(BaseWriter):
         super().__init__()
 
     def locations(self) -> list[Location]:
-        return [
-            Location(
-                "TensorBoard", str(self.logdir), f"tensorboard --logdir {self.logdir}  (Custom Scalars tab)"
-            )
-        ]
+        # the hint stays out of the command, so the printed command runs as pasted
+        where = f"{self.logdir}  (the guide's dashboard: Custom Scalars tab)"
+        return [Location("TensorBoard", where, f"tensorboard --logdir {self.logdir}")]
 
     def _event(self, step: int, values: list[Any], wall_time: float | None = None) -> None:
         summary = self._p.summary_pb2.Summary(value=values)
