@@ -29,7 +29,7 @@ def test_full_disk_keeps_every_record_until_space_returns(
     full.set()
 
     def write(fd: int, data: Any) -> int:
-        if full.is_set() and fd == inner._fd:  # only this writer's disk is full
+        if full.is_set() and fd == inner._file._fd:  # only this writer's disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
@@ -42,11 +42,13 @@ def test_full_disk_keeps_every_record_until_space_returns(
         multi.log_scalars({"loss": float(step)}, step)
     multi.flush()
     assert multi.errors["jsonl"] >= 1 and "other" not in multi.errors
-    assert caplog.text.count("writer 'jsonl' failed") == 1
+    assert caplog.text.count("jsonl: writing failed") == 1  # the outage is reported once
     assert [r["step"] for r in read_jsonl(tmp_path / "b.jsonl")] == list(range(50))
     full.clear()  # space is back: the buffered records are written, none lost
     multi.close()
     assert [r["step"] for r in read_jsonl(tmp_path / "a" / "m.jsonl")] == list(range(50))
+    assert caplog.text.count("jsonl: recovered after") == 1  # and so is its end
+    assert "nothing was lost" in caplog.text
 
 
 def test_locked_sqlite_database_loses_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -56,18 +58,18 @@ def test_locked_sqlite_database_loses_nothing(tmp_path: Path, caplog: pytest.Log
     from writers.mlflow import MLflowWriter
 
     inner = MLflowWriter(logdir=tmp_path, buffer_size=10)
-    writer = BackgroundWriter(inner, stall_timeout=1.0)
+    writer = BackgroundWriter(inner, timeout=1.0)
     db = sqlite3.connect(tmp_path / "mlflow.db", timeout=0.1)
     db.execute("BEGIN EXCLUSIVE")  # another process holds the database
     start = time.perf_counter()
     for step in range(30):
         writer.log_scalars({"train/loss": float(step)}, step)
-    writer.flush()  # gives up waiting after stall_timeout instead of blocking training
+    writer.flush()  # gives up waiting after timeout instead of blocking training
     assert time.perf_counter() - start < 10
     assert "made no progress" in caplog.text or writer.errors >= 1
     db.rollback()  # the lock is released
     db.close()
-    writer.stall_timeout = 120.0
+    writer.timeout = 120.0
     writer.close()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     history = client.get_metric_history(inner.run_id, "train/loss")

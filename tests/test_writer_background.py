@@ -128,7 +128,7 @@ def test_bad_options() -> None:
 def test_a_hung_backend_cannot_stop_training(caplog: pytest.LogCaptureFixture) -> None:
     inner = Slow()
     inner.gate.clear()  # hangs forever
-    w = BackgroundWriter(inner, max_queue=2, stall_timeout=0.2)
+    w = BackgroundWriter(inner, max_queue=2, timeout=0.2)
     start = time.perf_counter()
     for step in range(20):
         w.log_scalars({"a": 1.0}, step)

@@ -50,7 +50,7 @@ class MetricsLoggerWriter(BaseWriter):
     def log_image(self, tag: str, image: Any, step: int) -> None:
         self._media("image", tag, image, step)
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         flush = getattr(self.target, "flush", None)
         if callable(flush):
             flush()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ._media import Histogram, image_png, is_figure, to_numpy
-from .base import BaseWriter, LayoutDict, Location, Writer, check_step, crash_watch
+from .base import BaseWriter, LayoutDict, Location, Writer, check_step
+from .lifecycle import DEFAULT_TIMEOUT, due, lifecycle
 
 log = logging.getLogger("writers.background")
 
@@ -21,48 +23,103 @@ _STOP = object()
 class BackgroundWriter(BaseWriter):
     """Queues every call for ``inner`` and runs it on one worker thread.
 
+    ``inner`` may be a writer or a function that builds one: then it is built on the worker (a
+    backend that starts slowly, such as an unreachable tracking server, starts in the background).
+    The constructor waits ``timeout`` seconds at most for the build: an error within that time is
+    raised here; after it, records are queued and the build's outcome is reported when known.
+
     Back-pressure: the queue holds ``max_queue`` calls. When it is full, ``when_full="block"`` (the
     default) makes the caller wait for room, so no record is ever lost; ``"drop"`` discards the new
     record instead and counts it in :attr:`dropped` (warned once). A backend that makes no progress for
-    ``stall_timeout`` seconds (a hung server) is reported once as stalled and its new records are dropped
-    and counted until it has room again, so it cannot stop training; ``flush`` and ``close`` wait at most
-    that long for it. Values are snapshotted when queued:
+    ``timeout`` seconds (a hung server) is reported once as stalled and its new records are dropped
+    and counted until it has room again (reported once too), so it cannot stop training; ``flush``
+    and ``close`` wait at most that long for it. Values are snapshotted when queued:
     metrics are copied, tensors copied to host arrays, figures rendered to PNG, wall time stamped.
     ``flush()`` returns when everything queued before it is written and flushed by ``inner``;
     ``close()`` drains the queue, then closes ``inner``. An error in ``inner`` is logged once with the
     backend's name, counted in :attr:`errors`, and with ``strict=True`` raised by the next call.
     """
 
+    timed_flush = True
+
     def __init__(
         self,
-        inner: Writer,
+        inner: Writer | Callable[[], Writer],
         *,
+        name: str | None = None,
         max_queue: int = 10_000,
         when_full: WhenFull = "block",
         strict: bool = False,
-        stall_timeout: float = 120.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if when_full not in ("block", "drop"):
             raise ValueError(f"when_full: got {when_full!r}; expected 'block' or 'drop'")
         if max_queue < 1:
             raise ValueError(f"max_queue: got {max_queue}; expected >= 1")
-        self.inner = inner
-        self.name = inner.name
+        if not timeout > 0:
+            raise ValueError(f"timeout: got {timeout!r}; expected seconds > 0")
+        if not isinstance(inner, Writer) and name is None:
+            raise ValueError("name: required when inner is a function that builds the writer")
+        self.inner: Writer | None = inner if isinstance(inner, Writer) else None
+        self.name: str = name or str(getattr(inner, "name", "writer"))
         self.when_full = when_full
         self.strict = strict
         self.errors = 0
         self.dropped = 0
-        self.stall_timeout = stall_timeout
+        self.timeout = timeout
         self.stalled = False
         self._first_error: BaseException | None = None
+        self._started = threading.Event()
+        self._handshake = threading.Lock()
+        self._waiting = True
+        self._start_error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._work, name=f"writers-{self.name}", daemon=True)
-        self._thread.start()
         super().__init__()
-        crash_watch.forget(inner)
+        build = None if isinstance(inner, Writer) else inner
+        self._thread = threading.Thread(
+            target=self._work, args=(build,), name=f"writers-{self.name}", daemon=True
+        )
+        self._thread.start()
+        if build is not None:
+            self._await_start()
+        else:
+            self._adopt(inner)  # type: ignore[arg-type]
+
+    def _adopt(self, inner: Writer) -> None:
+        self.inner = inner
+        self.flush_interval = getattr(inner, "flush_interval", self.flush_interval)
+        lifecycle.forget(inner, timed_flush=True)  # closed and flushed in queue order, by this writer
+
+    def _await_start(self) -> None:
+        self._started.wait(self.timeout)
+        with self._handshake:  # the worker reports a late failure itself, an early one is raised here
+            self._waiting = False
+            error = self._start_error if self._started.is_set() else None
+        if error is not None:
+            self._queue.put(_STOP)
+            self._thread.join(self.timeout)
+            raise error
+        if not self._started.is_set():
+            log.warning(
+                "writer %r is still starting after %.0f s (a slow or unreachable server?); its records "
+                "are queued and written once it is up, training goes on",
+                self.name,
+                self.timeout,
+            )
 
     # -- worker
-    def _work(self) -> None:
+    def _work(self, build: Callable[[], Writer] | None) -> None:
+        if build is not None:
+            try:
+                self._adopt(build())
+                self._started.set()
+            except Exception as exc:
+                with self._handshake:
+                    self._start_error = exc
+                    self._started.set()
+                    late = not self._waiting
+                if late:
+                    self._record_error("start", exc)
         while True:
             item = self._queue.get()
             try:
@@ -70,7 +127,12 @@ class BackgroundWriter(BaseWriter):
                     return
                 method, args, kwargs, done = item
                 try:
-                    getattr(self.inner, method)(*args, **kwargs)
+                    if self.inner is None:  # it never started: what was queued for it is lost
+                        self.dropped += 1
+                    else:
+                        getattr(self.inner, method)(*args, **kwargs)
+                        if method == "flush" and getattr(self.inner, "dirty", False):
+                            self._mark_dirty()  # it could not write everything: retry when due
                 except Exception as exc:  # isolation: a backend failure must not kill the worker
                     self._record_error(method, exc)
                 finally:
@@ -111,13 +173,22 @@ class BackgroundWriter(BaseWriter):
             if self.when_full == "drop" or self.stalled:
                 self._queue.put_nowait(item)
             else:
-                self._queue.put(item, timeout=self.stall_timeout)
-            self.stalled = False
+                self._queue.put(item, timeout=self.timeout)
         except queue.Full:
             self._drop(stalled=self.when_full == "block")
             return
+        if self.stalled:  # room again: the backend is making progress
+            self.stalled = False
+            log.warning(
+                "writer %r is making progress again; %d record(s) were dropped while it stalled",
+                self.name,
+                self.dropped,
+            )
+        if method != "flush":
+            self._mark_dirty()
         if done is not None:
-            if not done.wait(self.stall_timeout):
+            if not done.wait(self.timeout):
+                self.errors += 1
                 self._drop(stalled=True, count=False)
                 return
             self._raise_if_strict()
@@ -131,7 +202,7 @@ class BackgroundWriter(BaseWriter):
                 "writer %r made no progress for %.0f s; its new records are dropped and counted until it "
                 "catches up (training and the other writers go on)",
                 self.name,
-                self.stall_timeout,
+                self.timeout,
             )
         elif not stalled and self.dropped == 1:
             log.warning("writer %r: queue full, dropping records (when_full='drop')", self.name)
@@ -159,26 +230,41 @@ class BackgroundWriter(BaseWriter):
         self._put("define_summaries", dict(summaries))
 
     def locations(self) -> list[Location]:
-        return self.inner.locations()
+        return self.inner.locations() if self.inner is not None else []
 
     def error_counts(self) -> dict[str, int]:
-        return {self.name: self.errors} if self.errors else {}
+        """Failed calls, timed-out waits and dropped records, the inner writer's own included."""
+        own = self.errors + self.dropped
+        counts = dict(self.inner.error_counts()) if self.inner is not None else {}
+        if own:
+            counts[self.name] = counts.get(self.name, 0) + own
+        return counts
 
-    def flush(self) -> None:
+    def flush_if_due(self, now: float) -> None:
+        # from the timed-flush thread: queue the flush in order, never wait for it
+        if due(self._dirty_since, self.flush_interval, now) and not self.closed and not self.stalled:
+            self._dirty_since = None
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(("flush", (), {}, None))
+
+    def _flush(self) -> None:
         self._put("flush", wait=True)
 
     def _close(self, failed: bool) -> None:
+        deadline = time.monotonic() + self.timeout
         if self._thread.is_alive():
             try:
-                self._queue.put(("close", (), {"failed": failed}, None), timeout=self.stall_timeout)
-                self._queue.put(_STOP, timeout=self.stall_timeout)
+                for item in (("close", (), {"failed": failed}, None), _STOP):
+                    self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
                 pass
-            self._thread.join(self.stall_timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
+                self.errors += 1
                 log.warning(
-                    "writer %r did not finish within %.0f s; abandoned at close",
+                    "writer %r did not finish within %.0f s; abandoned at close (what it had not "
+                    "written is lost)",
                     self.name,
-                    self.stall_timeout,
+                    self.timeout,
                 )
         self._raise_if_strict()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
+import functools
+import importlib.util
 import logging
+import os
 import re
-import sys
-import threading
-import weakref
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
+
+from .lifecycle import DEFAULT_FLUSH_INTERVAL, due, lifecycle
 
 log = logging.getLogger("writers")
 
@@ -88,15 +89,22 @@ class Backend:
 
     ``options`` are the keys of its config section with their defaults (``None``: derived from the
     common keys ``experiment_name``, ``log_dir`` and ``resume``; an ``options`` of ``None`` accepts
-    any key); ``build(section, common)`` makes the writer; ``writes`` is its line in the docs table.
+    any key); ``build(section, common)`` makes the writer; ``writes`` is its line in the docs table;
+    ``requires`` is the module its extra installs, without which the writer cannot work.
     """
 
     name: str
     build: Factory
     extra: str | None = None
+    requires: str | None = None
     options: Mapping[str, Any] | None = None
     writes: str = ""
     writer: type | None = None
+
+    def check_installed(self) -> None:
+        """Raise the "install the extra" error now if :attr:`requires` is missing (without importing it)."""
+        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+            raise missing_extra(self.name, self.extra or self.name)
 
     def checked_section(self, section: Any) -> Mapping[str, Any]:
         """The config section, its keys checked against :attr:`options`, declared defaults filled in."""
@@ -115,62 +123,56 @@ class Backend:
         return section
 
 
-class _CrashWatch:
-    """Remembers whether the process is dying of an uncaught exception, for run status at exit."""
-
-    def __init__(self) -> None:
-        self.failed = False
-        self._installed = False
-        self._lock = threading.Lock()
-        self._open: weakref.WeakSet[BaseWriter] = weakref.WeakSet()
-
-    def install(self) -> None:
-        with self._lock:
-            if self._installed:
-                return
-            self._installed = True
-            previous = sys.excepthook
-
-            def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-                self.failed = True
-                previous(exc_type, exc, tb)
-
-            sys.excepthook = hook
-            atexit.register(self._close_all)
-
-    def track(self, writer: BaseWriter) -> None:
-        self.install()
-        self._open.add(writer)
-
-    def forget(self, writer: Writer) -> None:
-        """Stop closing ``writer`` at exit: it is closed already, or a wrapper owns it and closes it in
-        order."""
-        with contextlib.suppress(TypeError):  # a writer that is not weak-referenceable was never tracked
-            self._open.discard(writer)  # type: ignore[arg-type]
-
-    def _close_all(self) -> None:
-        for writer in list(self._open):
-            try:
-                writer.close(failed=self.failed)
-            except Exception:
-                log.exception("closing %s at exit failed", writer.name)
+_LOGGING_METHODS = (
+    "log_scalars",
+    "log_histogram",
+    "log_image",
+    "log_config",
+    "log_layout",
+    "define_summaries",
+)
 
 
-crash_watch = _CrashWatch()
+def _refused_in_fork(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: BaseWriter, *args: Any, **kwargs: Any) -> Any:
+        # a writer may call its own methods while it is built, before BaseWriter.__init__ sets _pid
+        if lifecycle.is_foreign(getattr(self, "_pid", lifecycle.pid)):
+            raise RuntimeError(
+                f"{self.name}: {method.__name__} in process {os.getpid()}, a fork of {self._pid} that "
+                "opened this writer (a DataLoader worker?); its files and runs belong to the parent. "
+                "Log from the parent process, or open a writer in the child"
+            )
+        return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class BaseWriter:
-    """No-op defaults (a backend overrides what it supports), context manager, close at exit.
+    """No-op defaults (a backend overrides what it supports), context manager, ends at exit.
 
-    ``close(failed=None)`` decides the run status from an uncaught exception in the process; the
-    context manager passes ``failed=True`` when its block raised.
+    ``close(failed=None)`` decides the run status from an uncaught exception or a SIGTERM in the
+    process; the context manager passes ``failed=True`` when its block raised. A writer that buffers
+    sets ``timed_flush = True``, calls :meth:`_mark_dirty` when it holds unwritten records and
+    overrides :meth:`_flush`: records are then written at most ``flush_interval`` seconds after they
+    arrive, however quiet the loop is. In a forked child, logging raises and flush/close do nothing.
     """
 
     name = "writer"
+    timed_flush = False
 
     def __init__(self) -> None:
         self._closed = False
-        crash_watch.track(self)
+        self._pid = lifecycle.pid
+        self.flush_interval = DEFAULT_FLUSH_INTERVAL
+        self._dirty_since: float | None = None
+        lifecycle.track(self, timed_flush=self.timed_flush)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method in _LOGGING_METHODS:
+            if method in cls.__dict__:
+                setattr(cls, method, _refused_in_fork(cls.__dict__[method]))
 
     @property
     def closed(self) -> bool:
@@ -200,15 +202,39 @@ class BaseWriter:
     def error_counts(self) -> dict[str, int]:
         return {}
 
+    @property
+    def dirty(self) -> bool:
+        """Whether records logged so far are not all written yet."""
+        return self._dirty_since is not None
+
+    def _mark_dirty(self) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def flush_if_due(self, now: float) -> None:
+        """Flush if the oldest unwritten record is about ``flush_interval`` seconds old (the timed
+        flush calls this from its own thread)."""
+        if due(self._dirty_since, self.flush_interval, now) and not self._closed:
+            self.flush()
+
     def flush(self) -> None:
+        """Write everything logged so far (a no-op in a forked child: the parent owns the data)."""
+        if lifecycle.is_foreign(self._pid):
+            return
+        self._dirty_since = None
+        self._flush()
+
+    def _flush(self) -> None:
         pass
 
     def close(self, failed: bool | None = None) -> None:
         if self._closed:
             return
         self._closed = True
-        crash_watch.forget(self)
-        self._close(crash_watch.failed if failed is None else failed)
+        lifecycle.forget(self, timed_flush=True)
+        if lifecycle.is_foreign(self._pid):
+            return
+        self._close(lifecycle.failed or lifecycle.killed if failed is None else failed)
 
     def _close(self, failed: bool) -> None:
         del failed

@@ -17,6 +17,7 @@ third-party ones register under the entry-point group ``hjepa_metrics.writers``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any
 from .backends import available_backends
 from .background import BackgroundWriter
 from .base import Writer, as_list, missing_extra
+from .lifecycle import DEFAULT_FLUSH_INTERVAL, DEFAULT_TIMEOUT
 from .multi import MultiWriter
 
 log = logging.getLogger("writers.config")
@@ -35,7 +37,18 @@ ENV_PREFIX = "HJEPA_METRICS_"
 DEFAULT_BACKENDS = ("tensorboard", "jsonl")
 
 TOP_KEYS = frozenset(
-    {"experiment_name", "log_dir", "backends", "strict", "background", "max_queue", "when_full", "resume"}
+    {
+        "experiment_name",
+        "log_dir",
+        "backends",
+        "strict",
+        "background",
+        "max_queue",
+        "when_full",
+        "resume",
+        "flush_interval",
+        "timeout",
+    }
 )
 
 
@@ -119,34 +132,71 @@ def selected_backends(config: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _seconds(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"config[{key!r}]: got {value!r}; expected seconds > 0")
+    return seconds
+
+
 def build_writers(
     config: Mapping[str, Any] | str | os.PathLike[str] | None = None, *, strict: bool | None = None
 ) -> Writer:
     """One writer, or a :class:`MultiWriter` over several, from a config dict, file or the environment.
 
     With no config and no ``HJEPA_METRICS_*`` variables: TensorBoard and JSONL under ``runs/hjepa``.
-    Each backend runs on its own background thread (:class:`BackgroundWriter`) unless
+    Each backend is built and runs on its own background thread (:class:`BackgroundWriter`) unless
     ``background: false``; ``max_queue`` and ``when_full`` (``block`` or ``drop``) set its queue.
+    ``flush_interval`` (s, default 5) bounds how old an unwritten record gets, so a killed job loses at
+    most that much; ``timeout`` (s, default 10) bounds how long a slow, hung or unreachable backend may
+    hold up construction, a call, ``flush()`` or ``close()`` (a backend still starting after it goes
+    on starting in the background; its records are queued meanwhile).
     """
     cfg = load_config(config)
     names = selected_backends(cfg)
     if not names:
         log.warning("config: every backend is disabled; nothing will be written")
     experiment = str(cfg.get("experiment_name") or "hjepa")
+    timeout = _seconds(cfg, "timeout", DEFAULT_TIMEOUT)
     common = {
         "experiment_name": experiment,
         "log_dir": str(cfg.get("log_dir") or Path("runs") / experiment),
         "resume": _truthy(cfg.get("resume", False)),
+        "flush_interval": _seconds(cfg, "flush_interval", DEFAULT_FLUSH_INTERVAL),
+        "timeout": timeout,
     }
     known = available_backends()
     strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
+    background = _truthy(cfg.get("background", True))
+    max_queue = int(cfg.get("max_queue", 10_000))
+    when_full = cfg.get("when_full", "block")
+    sections = {name: known[name].checked_section(cfg.get(name)) for name in names}
     writers: list[Writer] = []
     failed: list[str] = []
     try:
         for name in names:
-            section = known[name].checked_section(cfg.get(name))
+            backend, section = known[name], sections[name]
+            backend.check_installed()  # a missing extra is the user's to fix, now, not later
             try:
-                writers.append(known[name].build(section, common))
+                if background:
+                    # built on its own thread: a server that is slow to answer delays training by at
+                    # most `timeout`, then the writer goes on starting in the background
+                    writers.append(
+                        BackgroundWriter(
+                            functools.partial(backend.build, section, common),
+                            name=name,
+                            max_queue=max_queue,
+                            when_full=when_full,
+                            strict=strict_mode,
+                            timeout=timeout,
+                        )
+                    )
+                else:
+                    writers.append(backend.build(section, common))
             except (ImportError, ValueError, TypeError):
                 raise  # a missing extra or a bad option: the user must fix the config
             except Exception as exc:
@@ -166,16 +216,6 @@ def build_writers(
         for made in writers:
             made.close()
         raise
-    if _truthy(cfg.get("background", True)):
-        writers = [
-            BackgroundWriter(
-                w,
-                max_queue=int(cfg.get("max_queue", 10_000)),
-                when_full=cfg.get("when_full", "block"),
-                strict=strict_mode,
-            )
-            for w in writers
-        ]
     if len(writers) == 1 and not strict_mode and not failed:
         return writers[0]
     multi = MultiWriter(writers, strict=strict_mode)

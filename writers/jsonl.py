@@ -6,12 +6,12 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ._files import WRITE_BYTES, AppendFile
 from ._media import histogram, image_png, png_size, safe_filename
 from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
 
@@ -19,8 +19,6 @@ log = logging.getLogger("writers.jsonl")
 
 DEFAULT_FILENAME = "metrics.jsonl"
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-# Lines are gathered and written with one os.write per batch: whole lines only, few syscalls.
-_BUFFER_BYTES = 1 << 18
 
 
 def _dumps_stdlib(obj: Any) -> bytes:
@@ -77,22 +75,19 @@ class JSONLWriter(BaseWriter):
 
     name = "jsonl"
 
+    timed_flush = True
+
     def __init__(
-        self, path: str | os.PathLike[str], *, buffer_bytes: int = _BUFFER_BYTES, resume: bool = False
+        self, path: str | os.PathLike[str], *, buffer_bytes: int = WRITE_BYTES, resume: bool = False
     ) -> None:
         p = Path(path)
         if p.suffix not in (".jsonl", ".json", ".ndjson"):
             p = p / DEFAULT_FILENAME
-        p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
         self._dumps = _dumps_factory()
-        self._lock = threading.Lock()
-        self._buffer = bytearray()
-        self._buffer_bytes = buffer_bytes
         _cut_torn_tail(p)
-        last = _last_step(p) if resume else None
-        self.gate = ResumeGate(self.name, last)
-        self._fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.gate = ResumeGate(self.name, _last_step(p) if resume else None)
+        self._file = AppendFile(self.name, lambda: (p, b""), write_bytes=buffer_bytes)
         super().__init__()
 
     def locations(self) -> list[Location]:
@@ -151,37 +146,22 @@ class JSONLWriter(BaseWriter):
 
     # -- I/O
     def _append(self, record: Mapping[str, Any]) -> None:
-        line = self._dumps(record) + b"\n"
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self.name}: write after close ({self.path})")
-            self._buffer += line
-            if len(self._buffer) >= self._buffer_bytes:
-                self._write_buffer()
+        if self._closed:
+            raise RuntimeError(f"{self.name}: write after close ({self.path})")
+        self._file.append(self._dumps(record) + b"\n")
+        self._mark_dirty()
 
-    def _write_buffer(self) -> None:
-        # No memoryview here: one held by a failed write's traceback would pin the buffer, and every
-        # later append would fail. A failed write keeps the unwritten bytes for the next attempt.
-        while self._buffer:
-            written = os.write(self._fd, self._buffer)
-            del self._buffer[:written]
+    def error_counts(self) -> dict[str, int]:
+        return self._file.outage.counts()
 
-    def flush(self) -> None:
-        with self._lock:
-            if self._fd < 0:
-                return
-            self._write_buffer()
-            os.fsync(self._fd)
+    def _flush(self) -> None:
+        self._file.flush()
+        if self._file.pending:
+            self._mark_dirty()  # the disk refused: try again at the next timed flush
 
     def _close(self, failed: bool) -> None:
         del failed
-        with self._lock:
-            try:
-                self._write_buffer()
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = -1
+        self._file.close()
 
 
 def _last_step(path: Path) -> int | None:
@@ -256,9 +236,11 @@ def scalar_series(records: list[dict[str, Any]], tag: str) -> list[tuple[int, fl
 
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> JSONLWriter:
-    return JSONLWriter(
+    writer = JSONLWriter(
         section.get("path") or Path(common["log_dir"]) / "metrics.jsonl", resume=common["resume"]
     )
+    writer.flush_interval = common["flush_interval"]
+    return writer
 
 
 BACKEND = Backend(

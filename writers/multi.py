@@ -7,7 +7,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .base import BaseWriter, LayoutDict, Location, Writer, crash_watch
+from .base import BaseWriter, LayoutDict, Location, Writer
+from .lifecycle import lifecycle
 
 log = logging.getLogger("writers.multi")
 
@@ -30,7 +31,7 @@ class MultiWriter(BaseWriter):
         self.failed_to_start: list[str] = []
         super().__init__()
         for writer in self.writers:
-            crash_watch.forget(writer)
+            lifecycle.forget(writer)  # closed in order by this writer; each still flushes on time
 
     @property
     def errors(self) -> Counter[str]:
@@ -87,7 +88,7 @@ class MultiWriter(BaseWriter):
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
         self._each("define_summaries", lambda w: w.define_summaries(summaries))
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         self._each("flush", lambda w: w.flush())
 
     def _close(self, failed: bool) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from .base import (
     missing_extra,
     redact,
 )
+from .lifecycle import lifecycle
 
 log = logging.getLogger("writers.wandb")
 
@@ -47,6 +49,7 @@ class WandbWriter(BaseWriter):
     """
 
     name = "wandb"
+    timed_flush = True
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class WandbWriter(BaseWriter):
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
         self.define_summaries(summaries or {})
+        self._lock = threading.RLock()  # the timed flush commits the open row from its own thread
         self._row: dict[str, Any] = {}
         self._row_step: int | None = None
         self._last_step: int | None = None
@@ -122,6 +126,11 @@ class WandbWriter(BaseWriter):
 
     def _add(self, step: int, values: Mapping[str, Any]) -> None:
         step = check_step(step)
+        with self._lock:
+            self._add_locked(step, values)
+            self._mark_dirty()
+
+    def _add_locked(self, step: int, values: Mapping[str, Any]) -> None:
         if self._row_step is not None and step != self._row_step:
             self._commit()
         if self._last_step is not None and step < self._last_step and not self._warned_regression:
@@ -137,15 +146,17 @@ class WandbWriter(BaseWriter):
         self._row.update(values)
 
     def _commit(self) -> None:
-        if self._row_step is None:
-            return
-        self._row[STEP_KEY] = self._row_step
-        self.run.log(self._row)
-        self._last_step = self._row_step if self._last_step is None else max(self._last_step, self._row_step)
-        self._row = {}
-        self._row_step = None
-        if time.monotonic() - self._state_written > 1.0:
-            self._save_last_step()
+        with self._lock:
+            if self._row_step is None:
+                return
+            self._row[STEP_KEY] = self._row_step
+            self.run.log(self._row)
+            last = self._last_step
+            self._last_step = self._row_step if last is None else max(last, self._row_step)
+            self._row = {}
+            self._row_step = None
+            if time.monotonic() - self._state_written > 1.0:
+                self._save_last_step()
 
     def _save_last_step(self) -> None:
         """Persist the last step for ``resume_run`` (at most once a second, and at flush/close)."""
@@ -188,21 +199,21 @@ class WandbWriter(BaseWriter):
         path = Path(self.run.dir) / LAYOUT_FILE
         path.write_text(json.dumps(layout, indent=2), encoding="utf-8")
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         self._commit()
         self._save_last_step()
 
     def _close(self, failed: bool) -> None:
-        self._commit()
-        self._save_last_step()
-        self.run.finish(exit_code=1 if failed else 0)
+        self._flush()
+        # 143 = 128 + SIGTERM, the status a shell reports for a killed job
+        self.run.finish(exit_code=(143 if lifecycle.killed else 1) if failed else 0)
         if self._wandb.run is None:
             # wandb-core lingers until teardown; stop it when no other run of this process needs it
             self._wandb.teardown()
 
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> WandbWriter:
-    return WandbWriter(
+    writer = WandbWriter(
         project=section.get("project") or common["experiment_name"],
         entity=section.get("entity"),
         name=section.get("name"),
@@ -213,12 +224,15 @@ def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> WandbWriter
         resume=section.get("resume"),
         resume_run=common["resume"],
     )
+    writer.flush_interval = common["flush_interval"]
+    return writer
 
 
 BACKEND = Backend(
     name="wandb",
     build=_build,
     extra="wandb",
+    requires="wandb",
     options=dict.fromkeys(("project", "entity", "tags", "mode", "name", "dir", "run_id", "resume")),
     writes="one row per step against a `global_step` axis, so a lower step is kept (and warned about) "
     "instead of dropped; run summaries from the registry (min of losses and of low-is-bad collapse tags); "
