@@ -13,9 +13,8 @@ from .accumulator import RawValues
 class MaskingAccumulator:
     """Masked-patch totals over any number of masks (batches or ranks): ``Σ_b Σ_n mask[b, n]`` and B.
 
-    ``mask`` is ``[B, N]`` (nonzero/True = masked) or ``[B, K, N]`` for K target blocks, which are
-    OR-ed over K; a list of ``[B, N]`` masks is treated as K blocks. ``num_patches`` defaults to N
-    and must be the same for every update.
+    ``mask`` takes the forms of :func:`masking_statistics` (boolean masks, lists of them, or I-JEPA's
+    integer patch indices); ``num_patches`` defaults to N and must be the same for every update.
     """
 
     def __init__(self) -> None:
@@ -58,8 +57,19 @@ def masking_statistics(
 ) -> dict[str, float]:
     """Mean number of masked (predicted) patches per sample, its ratio, and the unmasked count.
 
-    ``mask`` is ``[B, N]`` (nonzero/True = masked) or ``[B, K, N]`` for K target blocks, which are
-    OR-ed over K; a list of ``[B, N]`` masks is treated as K blocks. ``num_patches`` defaults to N.
+    ``mask`` takes every form the JEPA family uses; blocks are united per sample:
+
+    - a ``[B, N]`` mask (True/nonzero = masked, i.e. predicted), or ``[B, K, N]`` for K target blocks;
+    - a list of K ``[B, N]`` masks;
+    - integer patch indices, I-JEPA style: a list of K ``[B, M]`` tensors (``M`` may differ per block),
+      or a ``[B, M]`` / ``[B, K, M]`` tensor; ``num_patches`` is then required. An integer tensor
+      whose values are all 0 or 1 is read as a 0/1 mask, not as indices.
+
+    ``num_patches`` defaults to N for masks.
+
+    >>> masks_pred = [torch.tensor([[0, 1, 2], [5, 6, 7]]), torch.tensor([[2, 3], [7, 8]])]
+    >>> masking_statistics(masks_pred, num_patches=10)["masking/mask_ratio"]  # 4 of 10 patches per image
+    0.4
     """
     state = MaskingAccumulator()
     state.update(mask, num_patches)
@@ -69,11 +79,37 @@ def masking_statistics(
 def masked_totals(
     mask: ArrayLike | Sequence[ArrayLike], num_patches: int | None = None
 ) -> tuple[torch.Tensor, int, int]:
-    """``(masked patches summed over the batch (a float64 0-d tensor), B, num_patches)``."""
+    """``(masked patches summed over the batch (a float64 0-d tensor), B, num_patches)``.
+
+    See :func:`masking_statistics` for the accepted forms."""
     if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
         if not mask:
-            raise ValueError("mask: got an empty list; expected [B, N] masks")
+            raise ValueError("mask: got an empty list; expected [B, N] masks or [B, K] patch indices")
         parts = [as_tensor(m, f"mask[{i}]") for i, m in enumerate(mask)]
+        names = [f"mask[{i}]" for i in range(len(parts))]
+    else:
+        parts, names = [as_tensor(mask, "mask")], ["mask"]
+    if any(_holds_indices(p) for p in parts):
+        masked = _union_of_indices(parts, names, num_patches)
+    else:
+        masked = _union_of_masks(parts)
+    n = int(masked.shape[-1])
+    total = n if num_patches is None else int(num_patches)
+    if total < n:
+        raise ValueError(f"num_patches: got {total}; expected at least the mask's patch dim {n}")
+    return masked.sum(dtype=torch.float64), int(masked.shape[0]), total
+
+
+def _holds_indices(t: torch.Tensor) -> bool:
+    # I-JEPA's collators give int64 patch indices; a 0/1 integer tensor stays a mask, as before
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
+        return False
+    return bool((t > 1).any())
+
+
+def _union_of_masks(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, N]`` bool: masked in any block."""
+    if len(parts) > 1:
         shapes = {tuple(p.shape) for p in parts}
         if len(shapes) != 1:
             raise ValueError(
@@ -81,16 +117,47 @@ def masked_totals(
             )
         m = torch.stack(parts, dim=1)
     else:
-        m = as_tensor(mask, "mask")
+        m = parts[0]
     if m.dim() not in (2, 3):
         raise ValueError(f"mask: got shape {tuple(m.shape)}; expected [B, N] or [B, K, N]")
     if m.shape[0] == 0 or m.shape[-1] == 0:
         raise ValueError(f"mask: got shape {tuple(m.shape)}; expected a non-empty batch and patch dim")
     masked = m != 0
-    if masked.dim() == 3:
-        masked = masked.any(dim=1)
-    n = int(masked.shape[-1])
-    total = n if num_patches is None else int(num_patches)
-    if total < n:
-        raise ValueError(f"num_patches: got {total}; expected at least the mask's patch dim {n}")
-    return masked.sum(dtype=torch.float64), int(masked.shape[0]), total
+    return masked.any(dim=1) if masked.dim() == 3 else masked
+
+
+def _union_of_indices(parts: list[torch.Tensor], names: list[str], num_patches: int | None) -> torch.Tensor:
+    """``[B, N]`` bool: the union per sample of the patches that any index block names."""
+    if num_patches is None:
+        raise ValueError(
+            "mask: got integer patch indices (I-JEPA style [B, K]); pass num_patches=N, the number of "
+            "patches per image, so the ratio has a denominator"
+        )
+    blocks: list[tuple[str, torch.Tensor]] = []
+    for name, p in zip(names, parts, strict=True):
+        if p.dtype == torch.bool or p.is_floating_point():
+            raise ValueError(
+                f"{name}: got a {p.dtype} mask beside integer patch indices; expected one form for "
+                "every block (all [B, N] masks, or all [B, K] index tensors)"
+            )
+        if p.dim() == 3:  # [B, K_blocks, K]: stacked index blocks
+            blocks += [(f"{name}[:, {k}]", p[:, k]) for k in range(p.shape[1])]
+        elif p.dim() == 2:
+            blocks.append((name, p))
+        else:
+            raise ValueError(f"{name}: got index shape {tuple(p.shape)}; expected [B, K] patch indices")
+    batch = {int(b.shape[0]) for _, b in blocks}
+    if len(batch) != 1 or 0 in batch:
+        raise ValueError(f"mask: index blocks have batch sizes {sorted(batch)}; expected one non-zero B")
+    first = blocks[0][1]
+    masked = torch.zeros(first.shape[0], num_patches, dtype=torch.bool, device=first.device)
+    for name, idx in blocks:
+        if idx.numel() == 0:
+            continue
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= num_patches:
+            raise ValueError(
+                f"{name}: got patch indices in [{low}, {high}]; expected 0 <= index < num_patches={num_patches}"
+            )
+        masked.scatter_(1, idx.to(device=first.device, dtype=torch.int64), True)
+    return masked

@@ -82,6 +82,40 @@ def test_masking_blocks_are_or_ed() -> None:
         assert got["masking/mask_ratio"] == 6 / 8
 
 
+def test_ijepa_index_masks_are_united_per_sample() -> None:
+    # I-JEPA's collator: a list of [B, K] long tensors of patch indices, one per target block
+    gen = torch.Generator().manual_seed(3)
+    batch, patches = 8, 196
+    blocks = [torch.randint(0, patches, (batch, k), generator=gen) for k in (30, 42, 25, 36)]
+    union = [set().union(*(b[i].tolist() for b in blocks)) for i in range(batch)]
+    truth = sum(len(u) for u in union) / batch  # the oracle: plain Python sets
+    for form in (blocks, blocks[:1] * 1, torch.stack([b[:, :25] for b in blocks], dim=1)):
+        parts = list(form.unbind(1)) if isinstance(form, torch.Tensor) else form
+        expected = sum(len(set().union(*(b[i].tolist() for b in parts))) for i in range(batch)) / batch
+        got = masking_statistics(form, num_patches=patches)
+        assert got["masking/num_masked_patches"] == pytest.approx(expected, rel=1e-12)
+        assert got["masking/mask_ratio"] == pytest.approx(expected / patches, rel=1e-12)
+    got = masking_statistics(blocks, num_patches=patches)
+    assert got["masking/mask_ratio"] == pytest.approx(truth / patches, rel=1e-12)
+    # the same patches as a boolean mask give the same numbers
+    dense = torch.zeros(batch, patches, dtype=torch.bool)
+    for i, u in enumerate(union):
+        dense[i, sorted(u)] = True
+    assert masking_statistics(dense) == got
+
+
+def test_index_mask_errors() -> None:
+    idx = [torch.tensor([[0, 5, 9]]), torch.tensor([[2, 3]])]
+    with pytest.raises(ValueError, match="pass num_patches=N"):
+        masking_statistics(idx)
+    with pytest.raises(ValueError, match=r"mask\[0\]: got patch indices in \[0, 9\]; expected 0 <= index < num_patches=8"):
+        masking_statistics(idx, num_patches=8)
+    with pytest.raises(ValueError, match="expected one form for every block"):
+        masking_statistics([idx[0], torch.ones(1, 10, dtype=torch.bool)], num_patches=10)
+    with pytest.raises(ValueError, match="batch sizes"):
+        masking_statistics([idx[0], torch.tensor([[2], [3]])], num_patches=10)
+
+
 def test_masking_errors() -> None:
     with pytest.raises(ValueError, match=r"mask: got shape \(5,\)"):
         masking_statistics(torch.ones(5))

@@ -1,0 +1,25 @@
+"""The examples in docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import hjepa_metrics
+import writers
+
+MODULES = sorted(
+    info.name
+    for package in (hjepa_metrics, writers)
+    for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
