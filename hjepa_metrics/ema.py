@@ -20,6 +20,8 @@ def ema_dynamics(
     name (DDP/compile prefixes stripped) and a name or shape mismatch is an error.
     ``avg_parameter_divergence`` = mean over tensors of ``‖θ_target − θ_context‖``;
     ``weight_magnitude_ratio`` = ``‖θ_target‖ / ‖θ_context‖`` (global L2 norms).
+    ``health/ema_nonfinite_tensors`` counts parameter tensors whose norms are not finite (a NaN/inf
+    element, or a norm that overflows the parameters' dtype).
     """
     context = dict(named_tensors(context_encoder, "context_encoder"))
     target = dict(named_tensors(target_encoder, "target_encoder"))
@@ -48,8 +50,12 @@ def ema_dynamics(
         tgt = [t.to(device=c.device, dtype=c.dtype) for c, t in zip(ctx, tgt, strict=True)]
         diff = foreach_norms(list(torch._foreach_sub(tgt, ctx)), 2.0)
         acc = accumulate_dtype(diff.device)
-        ctx_norm = foreach_norms(ctx, 2.0).to(acc).square().sum().sqrt()
-        tgt_norm = foreach_norms(tgt, 2.0).to(acc).square().sum().sqrt()
+        ctx_norms = foreach_norms(ctx, 2.0)
+        tgt_norms = foreach_norms(tgt, 2.0)
         raw["ema/avg_parameter_divergence"] = diff.to(acc).mean()
-        raw["ema/weight_magnitude_ratio"] = tgt_norm / ctx_norm
+        raw["ema/weight_magnitude_ratio"] = (
+            tgt_norms.to(acc).square().sum().sqrt() / ctx_norms.to(acc).square().sum().sqrt()
+        )
+        finite = torch.isfinite(diff) & torch.isfinite(ctx_norms) & torch.isfinite(tgt_norms)
+        raw["health/ema_nonfinite_tensors"] = (~finite).sum()
     return to_host(raw)

@@ -18,6 +18,8 @@ def hierarchy_feature_stats(
 
     ``predictions[l]`` is ``[B, N_l, D]``; ``num_patches`` is ``N_l`` (the second-to-last dim).
     ``targets`` (the guide passes them) is only checked for a matching level count and shapes.
+    ``health/hierarchy_level{l}_nonfinite`` counts tokens whose L2 norm is not finite (a NaN/inf
+    element, or a norm that overflows float32).
     """
     preds = level_list(predictions, "predictions")
     if targets is not None:
@@ -34,5 +36,8 @@ def hierarchy_feature_stats(
         raw[tag + "feat_mean"] = x.to(acc).mean()
         raw[tag + "feat_std"] = x.to(acc).std() if x.numel() > 1 else float("nan")
         raw[tag + "feat_range"] = x.max() - x.min()
-        raw[tag + "feat_norm"] = torch.linalg.vector_norm(x, dim=-1).to(acc).mean()
+        norms = torch.linalg.vector_norm(x, dim=-1)
+        raw[tag + "feat_norm"] = norms.to(acc).mean()
+        # a NaN/inf element, or a token norm beyond the compute type's range: never a silent inf
+        raw[f"health/hierarchy_level{level}_nonfinite"] = (~torch.isfinite(norms)).sum()
     return to_host(raw)

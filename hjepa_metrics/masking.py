@@ -122,6 +122,8 @@ def _union_of_masks(parts: list[torch.Tensor]) -> torch.Tensor:
         raise ValueError(f"mask: got shape {tuple(m.shape)}; expected [B, N] or [B, K, N]")
     if m.shape[0] == 0 or m.shape[-1] == 0:
         raise ValueError(f"mask: got shape {tuple(m.shape)}; expected a non-empty batch and patch dim")
+    if m.is_floating_point() and bool(torch.isnan(m).any()):
+        raise ValueError("mask: got NaN entries; expected 0/1 or True/False per patch")
     masked = m != 0
     return masked.any(dim=1) if masked.dim() == 3 else masked
 

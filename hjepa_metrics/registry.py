@@ -613,7 +613,8 @@ REGISTRY: tuple[TagSpec, ...] = (
         "health/prediction_level{level}_nonfinite",
         "health",
         "tokens",
-        "Level {level} tokens whose prediction or target has a non-finite element (their statistics are NaN)",
+        "Level {level} tokens whose prediction or target has a non-finite element, or whose cosine or distance "
+        "overflows float32 (their statistics are NaN/inf)",
         alert=AlertRule("non-finite predictions or targets", above=0.0),
         formula="tokens with a NaN/inf in p or t",
     ),
@@ -629,9 +630,25 @@ REGISTRY: tuple[TagSpec, ...] = (
         "health/gradient_nonfinite_tensors",
         "health",
         "tensors",
-        "Parameter tensors whose gradient has a non-finite element",
+        "Parameter tensors whose gradient has a non-finite element or a norm beyond float32's range",
         alert=AlertRule("non-finite gradients", above=0.0),
         formula="tensors whose ‖g‖ is NaN/inf",
+    ),
+    TagSpec(
+        "health/hierarchy_level{level}_nonfinite",
+        "health",
+        "tokens",
+        "Level {level} predicted tokens with a non-finite element or an L2 norm beyond float32's range",
+        alert=AlertRule("non-finite predicted features", above=0.0),
+        formula="tokens whose ‖pred[l]‖ is NaN/inf",
+    ),
+    TagSpec(
+        "health/ema_nonfinite_tensors",
+        "health",
+        "tensors",
+        "Parameter tensors of either encoder (or their difference) whose L2 norm is NaN/inf",
+        alert=AlertRule("non-finite EMA parameters", above=0.0),
+        formula="tensors whose ‖θ_t‖, ‖θ_c‖ or ‖θ_t − θ_c‖ is NaN/inf",
     ),
     # --- masking
     TagSpec(

@@ -188,3 +188,40 @@ def test_numeric_honesty_never_a_finite_zero_for_nan_or_overflow() -> None:
         torch.tensor([1.0, 2.0, 3.0]),
     ):
         assert hm.training_stability(history)["stability/loss_spike_ratio"] == 3.0
+
+
+def test_overflow_inside_a_computation_is_counted_where_it_is_not_computed_wider() -> None:
+    huge = torch.full((2, 3, 4), 1e19)  # finite float32, but squares overflow float32
+    hier = hm.hierarchy_feature_stats([huge])
+    assert math.isinf(hier["hierarchy/level0_feat_norm"]) and hier["health/hierarchy_level0_nonfinite"] == 6.0
+    model = nn.Linear(4, 4)
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e19)
+    flow = hm.gradient_flow(model)
+    assert math.isinf(flow["gradient_flow/global_norm"]) and flow["health/gradient_nonfinite_tensors"] == 2.0
+    target = nn.Linear(4, 4)
+    with torch.no_grad():
+        for param in target.parameters():
+            param.fill_(1e19)
+    ema = hm.ema_dynamics(nn.Linear(4, 4), target, 0.99, 1.0)
+    assert ema["health/ema_nonfinite_tensors"] == 2.0
+    healthy = hm.ema_dynamics(nn.Linear(4, 4), nn.Linear(4, 4), 0.99, 1.0)
+    assert healthy["health/ema_nonfinite_tensors"] == 0.0
+    with pytest.raises(ValueError, match="mask: got NaN entries"):
+        hm.masking_statistics(torch.tensor([[math.nan, 0.0]]))
+
+
+def test_huge_finite_values_are_computed_in_a_wider_type() -> None:
+    # the collapse statistics (float64 Gram) are scale invariant up to float32's edge
+    rows = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    scaled = hm.collapse_metrics(rows * 1e19)
+    reference = hm.collapse_metrics(rows)
+    assert scaled.keys() == reference.keys()
+    for tag, value in reference.items():
+        assert scaled[tag] == pytest.approx(value, rel=1e-6, abs=1e-9), tag
+    # a loss history near float32's max: float64 statistics, as numpy computes them
+    history = np.array([3e38, -3e38, 3e38, -3e38, 3e38, 1e38], dtype=np.float32)
+    got = hm.training_stability(history)
+    assert got["stability/loss_smoothness"] == pytest.approx(float(np.std(history.astype(np.float64))))
+    slope = np.polyfit(np.arange(6.0), history.astype(np.float64), 1)[0]
+    assert got["stability/loss_trend_slope"] == pytest.approx(float(slope))
