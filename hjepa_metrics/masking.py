@@ -159,7 +159,8 @@ def _union_of_indices(parts: list[torch.Tensor], names: list[str], num_patches: 
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= num_patches:
             raise ValueError(
-                f"{name}: got patch indices in [{low}, {high}]; expected 0 <= index < num_patches={num_patches}"
+                f"{name}: got patch indices in [{low}, {high}]; "
+                f"expected 0 <= index < num_patches={num_patches}"
             )
         masked.scatter_(1, idx.to(device=first.device, dtype=torch.int64), True)
     return masked

@@ -613,8 +613,8 @@ REGISTRY: tuple[TagSpec, ...] = (
         "health/prediction_level{level}_nonfinite",
         "health",
         "tokens",
-        "Level {level} tokens whose prediction or target has a non-finite element, or whose cosine or distance "
-        "overflows float32 (their statistics are NaN/inf)",
+        "Level {level} tokens whose prediction or target has a non-finite element, or whose cosine or "
+        "distance overflows float32 (their statistics are NaN/inf)",
         alert=AlertRule("non-finite predictions or targets", above=0.0),
         formula="tokens with a NaN/inf in p or t",
     ),
