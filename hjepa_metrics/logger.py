@@ -47,7 +47,8 @@ class HJEPAMetricsLogger(MetricRouter):
     Every ``log_*`` method takes ``global_step`` (default: the last step logged) and ``prefix``
     (default ``"train/"``; ``"val/"`` for validation) and returns the dict it wrote, tags prefixed.
     The custom-scalars layout is written once at construction; alerts from the guide's thresholds
-    are reported through ``logging`` once per crossing and collected in :attr:`alerts`. Under
+    are reported through ``logging`` once per crossing, rate-limited per tag, and the last ones kept
+    in :attr:`alerts` (``alerts=False`` turns them off; an :class:`AlertMonitor` sets the limits). Under
     ``torch.distributed`` every rank makes the same calls, statistics are reduced over ranks with one
     all-reduce per call, and only rank 0 builds writers.
     """
@@ -61,7 +62,7 @@ class HJEPAMetricsLogger(MetricRouter):
         num_hierarchies: int = 3,
         hierarchy_weights: Sequence[float] | None = None,
         prefix: str = "train/",
-        alerts: bool = True,
+        alerts: bool | AlertMonitor = True,
         on_alert: Callable[[Alert], None] | None = None,
         loss_history_size: int = 1000,
         write_layout: bool = True,
@@ -76,7 +77,7 @@ class HJEPAMetricsLogger(MetricRouter):
         super().__init__(
             lambda: writer_from(writers, config=config, metrics_logger=metrics_logger),
             prefix=prefix,
-            monitor=AlertMonitor(num_hierarchies=num_hierarchies, on_alert=on_alert) if alerts else None,
+            monitor=_monitor(alerts, num_hierarchies, on_alert),
             distributed=distributed,
         )
         self.num_hierarchies = num_hierarchies
@@ -228,6 +229,16 @@ class HJEPAMetricsLogger(MetricRouter):
                 f"{name}: got {count} levels; expected num_hierarchies={self.num_hierarchies} "
                 "(set num_hierarchies on the logger to match the model)"
             )
+
+
+def _monitor(
+    alerts: bool | AlertMonitor, num_hierarchies: int, on_alert: Callable[[Alert], None] | None
+) -> AlertMonitor | None:
+    if isinstance(alerts, AlertMonitor):
+        if on_alert is not None:
+            alerts.on_alert = on_alert
+        return alerts
+    return AlertMonitor(num_hierarchies=num_hierarchies, on_alert=on_alert) if alerts else None
 
 
 HJEPATensorBoardLogger = HJEPAMetricsLogger

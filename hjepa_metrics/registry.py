@@ -95,14 +95,25 @@ class AlertRule:
         ok_high = high is None or value <= high - margin * (width if width is not None else abs(high))
         return ok_low and ok_high
 
-    def describe(self) -> str:
+    def describe(self, *, level: int | None = None, dim: int | None = None) -> str:
+        """The rule in words; with ``level`` (and ``dim`` for rules that scale with D), the threshold
+        in force for that level and width, as an alert must show it."""
         if self.level_ranges:
+            if level is not None and level < len(self.level_ranges):
+                lo, hi = self.level_ranges[level]
+                return f"outside {lo:g}-{hi:g} (h{level} of {len(self.level_ranges)} levels): {self.message}"
             ranges = ", ".join(f"h{i}: {lo:g}-{hi:g}" for i, (lo, hi) in enumerate(self.level_ranges))
             return f"outside {ranges} (for {len(self.level_ranges)} levels): {self.message}"
         parts = []
         if self.below is not None:
-            scale = f" (for {self.reference_dim}-dim features; scales with D)" if self.reference_dim else ""
-            parts.append(f"< {self.below:g}{scale}")
+            if self.reference_dim is not None and dim is not None:
+                scaled = self.below * dim / self.reference_dim
+                reference = f"{self.below:g} at D={self.reference_dim}"
+                parts.append(f"< {scaled:.3g} (for {dim}-dim features: {reference})")
+            elif self.reference_dim is not None:
+                parts.append(f"< {self.below:g} (for {self.reference_dim}-dim features; scales with D)")
+            else:
+                parts.append(f"< {self.below:g}")
         if self.above is not None:
             parts.append(f"> {self.above:g}")
         return f"{' or '.join(parts)}: {self.message}"

@@ -58,14 +58,20 @@ def _fires_at_end(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str, n:
     if match is None or match.spec.alert is None or value is None:
         return None
     if match.spec.alert.fires(value, level=match.level, num_hierarchies=n):
-        return f"{tag} = {value:.3g} ({match.spec.alert.describe()})"
+        return f"{tag} = {value:.3g} ({match.spec.alert.describe(level=match.level)})"
     return None
 
 
 def summarize(
-    series: dict[str, tuple[np.ndarray, np.ndarray]], num_hierarchies: int, alerts: list[Alert]
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    num_hierarchies: int,
+    alerts: list[Alert],
+    crossings: int | None = None,
 ) -> list[str]:
-    """Loss trend, collapse risk and clipping share in a few sentences, judged by the registry's rules."""
+    """Loss trend, collapse risk and clipping share in a few sentences, judged by the registry's rules.
+
+    ``crossings`` is the number of threshold crossings, rate-limited ones included (default: one per
+    alert)."""
     lines = []
     loss = series.get("train/" + registry.TOTAL_LOSS)
     if loss is not None and np.isfinite(loss[1]).sum() >= 2:
@@ -102,7 +108,8 @@ def summarize(
         lines.append(
             f"Gradient clipping: {clip:.1f}% of logged steps ({verdict}; healthy: {clip_match.spec.healthy})."
         )
-    lines.append(f"Alerts fired: {len(alerts)}.")
+    held_back = crossings is not None and crossings != len(alerts)
+    lines.append(f"Alerts fired: {len(alerts)}" + (f" ({crossings} crossings)." if held_back else "."))
     return lines
 
 
@@ -168,7 +175,7 @@ def build_report(
         plt.close(fig)
         report.figures.append(target)
 
-    report.summary = summarize(series, n, report.alerts)
+    report.summary = summarize(series, n, report.alerts, sum(monitor.crossings.values()))
     md = ["# Training-health report", "", f"Run: `{path}`", "", *(f"- {line}" for line in report.summary), ""]
     md += ["## Alerts", ""] + (
         [f"- step {a.step}: `{a.tag}` = {a.value:.6g} ({a.rule})" for a in report.alerts] or ["None."]

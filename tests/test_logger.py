@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hjepa_metrics import HJEPAMetricsLogger, HJEPATensorBoardLogger, collapse_metrics, prediction_quality
+from hjepa_metrics.alerts import AlertMonitor
 from writers import BaseWriter, JSONLWriter, read_jsonl
 
 
@@ -76,13 +77,35 @@ def test_own_loss_history_is_bounded() -> None:
 
 def test_alerts_fire_once_per_crossing(caplog: pytest.LogCaptureFixture) -> None:
     seen = []
-    logger = HJEPAMetricsLogger(Memory(), on_alert=seen.append)
+    monitor = AlertMonitor(num_hierarchies=3, repeat_interval=0)  # every crossing
+    logger = HJEPAMetricsLogger(Memory(), alerts=monitor, on_alert=seen.append)
     for step, pct in enumerate([20.0, 60.0, 70.0, 30.0, 80.0]):
         logger.log_scalars({"gradient/clipping_percentage": pct}, global_step=step)
     assert [(a.step, a.value) for a in logger.alerts] == [(1, 60.0), (4, 80.0)]
     assert seen == logger.alerts
     assert caplog.text.count("alert: train/gradient/clipping_percentage") == 2
     assert "learning rate too high" in caplog.text
+
+
+def test_an_oscillating_value_is_rate_limited_and_the_history_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = AlertMonitor(num_hierarchies=3, max_kept=5)  # default repeat interval: 100 steps
+    tag = "train/collapse/level0_mean_similarity"
+    for step in range(20_000):  # crosses 0.7 and recovers (hysteresis included) every other step
+        monitor.check({tag: 0.8 if step % 2 else 0.5}, step)
+    assert monitor.crossings[tag] == 10_000
+    # reports at step 1, then 100, 200, 400, ... steps later: doubling intervals
+    reported = caplog.text.count(f"alert: {tag}")
+    assert reported == 8  # 1, 101, 301, 701, 1501, 3101, 6301, 12701
+    expected = [1 + sum(100 * 2**i for i in range(k)) for k in range(reported)]
+    assert [a.step for a in monitor.fired] == expected[-5:]  # only the last max_kept are kept
+    assert "crossed 49 more time(s)" in caplog.text  # the first 100-step gap held 49 crossings back
+    assert monitor.fired[-1].repeats == (12701 - 6301) // 2 - 1
+    # a tag that stayed in range for the interval crosses anew: reported at once
+    monitor.check({tag: 0.5}, 30_000)
+    monitor.check({tag: 0.9}, 30_200)
+    assert monitor.fired[-1].step == 30_200 and monitor.fired[-1].repeats > 0
 
 
 def test_effective_rank_alert_scales_with_feature_dim() -> None:
@@ -196,7 +219,7 @@ def test_guide_constructor_with_a_writer(tmp_path: Path) -> None:
 
 
 def test_alert_hysteresis_ignores_hovering_at_the_threshold() -> None:
-    logger = HJEPAMetricsLogger(Memory())
+    logger = HJEPAMetricsLogger(Memory(), alerts=AlertMonitor(num_hierarchies=3, repeat_interval=0))
     # threshold 0.7 (above): recovery needs <= 0.7 - 5% of 0.7 = 0.665
     values = [0.69, 0.71, 0.69, 0.71, 0.66, 0.71, float("nan"), 0.60, 0.72]
     for step, v in enumerate(values):
