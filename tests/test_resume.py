@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import wandb_reader
 
-from writers import MultiWriter, build_writers, read_jsonl
+from writers import JSONLWriter, MultiWriter, build_writers, read_jsonl
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -71,3 +73,58 @@ def test_without_resume_a_new_mlflow_and_wandb_run_starts(tmp_path: Path) -> Non
     second = _run(tmp_path, range(3), resume=False, crash=False)
     assert second["mlflow"].inner.run_id != first["mlflow"].inner.run_id  # type: ignore[attr-defined]
     assert second["wandb"].inner.run_id != first["wandb"].inner.run_id  # type: ignore[attr-defined]
+
+
+def _peak_python_bytes(make: Callable[[], Any]) -> tuple[Any, int]:
+    tracemalloc.start()
+    try:
+        made = make()
+        return made, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_resume_reads_only_the_tail_of_a_long_run(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from writers.tensorboard import TensorBoardWriter
+
+    steps = 200_000
+    tags = [f"train/metric_{i:02d}" for i in range(12)]
+    path = tmp_path / "long.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for step in range(steps):
+            metrics = ", ".join(f'"{t}": {step * 0.001 + i}' for i, t in enumerate(tags))
+            f.write(f'{{"step": {step}, "wall_time": 1700000000.0, "metrics": {{{metrics}}}}}\n')
+        f.write('{"kind": "histogram", "step": 199999, "tag": "h"}\n')  # not a scalar record
+    assert path.stat().st_size > 50_000_000
+    writer, peak = _peak_python_bytes(lambda: JSONLWriter(path, resume=True))
+    assert writer.gate.last_step == steps - 1
+    assert peak < 8_000_000, f"resume held {peak} bytes for a {path.stat().st_size}-byte file"
+    writer.close()
+
+    tb_dir = tmp_path / "tb"
+    tb = TensorBoardWriter(tb_dir)
+    for step in range(steps):
+        tb.log_scalars({tags[0]: float(step)}, step)
+    tb.close()
+    assert sum(p.stat().st_size for p in tb_dir.iterdir()) > 10_000_000
+    resumed, peak = _peak_python_bytes(lambda: TensorBoardWriter(tb_dir, resume=True))
+    assert resumed.gate.last_step == steps - 1
+    assert peak < 8_000_000, f"TensorBoard resume held {peak} bytes"
+    resumed.close()
+
+
+def test_tensorboard_tail_survives_a_torn_and_a_damaged_record(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from writers.tensorboard import TensorBoardWriter, last_step
+
+    with TensorBoardWriter(tmp_path) as tb:
+        for step in range(50):
+            tb.log_scalars({"a": float(step)}, step)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    data = bytearray(event_file.read_bytes())
+    event_file.write_bytes(bytes(data) + b"\x17\x00\x00")  # a torn record at the end
+    assert last_step(tmp_path) == 49
+    data[len(data) // 2] ^= 0xFF  # one damaged record in the middle
+    event_file.write_bytes(bytes(data))
+    assert last_step(tmp_path) == 49

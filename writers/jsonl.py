@@ -164,12 +164,40 @@ class JSONLWriter(BaseWriter):
         self._file.close()
 
 
+# What resume reads from the end of the file to find the last step (doubled while it holds no scalars).
+_TAIL_BYTES = 1 << 20
+
+
 def _last_step(path: Path) -> int | None:
-    """The highest step among the scalar records of an existing file."""
-    if not path.exists():
+    """The highest step among the last scalar records of an existing file, read from its tail only:
+    the time and memory of a resume do not grow with the length of the run."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
         return None
-    steps = [r["step"] for r in read_jsonl(path) if "metrics" in r and isinstance(r.get("step"), int)]
-    return max(steps) if steps else None
+    window = _TAIL_BYTES
+    with open(path, "rb") as f:
+        while True:
+            start = max(0, size - window)
+            f.seek(start)
+            lines = f.read(size - start).split(b"\n")
+            if start > 0:
+                lines = lines[1:]  # the first piece may be the end of a longer line
+            steps = [step for line in lines if (step := _scalar_step(line)) is not None]
+            if steps or start == 0:
+                return max(steps) if steps else None
+            window *= 2
+
+
+def _scalar_step(line: bytes) -> int | None:
+    if b'"metrics"' not in line:
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None  # a torn line
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _cut_torn_tail(path: Path) -> None:

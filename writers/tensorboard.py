@@ -143,16 +143,66 @@ def layout_proto(layout: LayoutDict) -> Any:
     return proto
 
 
-def last_step(logdir: Path) -> int | None:
-    """The highest step of a scalar summary in the event files directly in ``logdir``."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+# What resume reads from the end of an event file (doubled while it holds no scalar event).
+_TAIL_BYTES = 1 << 18
+_HEADER = struct.Struct("<QI")  # data length, masked CRC-32C of the length
 
-    best: int | None = None
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in LegacyEventFileLoader(str(path)).Load():
-            if event.HasField("summary") and any(v.HasField("simple_value") for v in event.summary.value):
-                best = event.step if best is None else max(best, event.step)
-    return best
+
+def tail_records(path: Path, window: int = _TAIL_BYTES) -> list[bytes]:
+    """The data of the whole TFRecords in the last ``window`` bytes of ``path``, in order.
+
+    TFRecords cannot be read backwards, but each header carries a CRC of its length and each record a
+    CRC of its data: an offset where both check is a record boundary (a false match has odds of about
+    2⁻⁶⁴), and from there records follow one another. A torn or damaged record is skipped.
+    """
+    crc = _masked_crc_function()
+    size = path.stat().st_size
+    start = max(0, size - window)
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(size - start)
+
+    def record_at(pos: int) -> tuple[bytes, int] | None:
+        length, length_crc = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length + 4
+        if end > len(data) or crc(data[pos : pos + 8]) != length_crc:
+            return None
+        body = data[pos + _HEADER.size : end - 4]
+        if crc(body) != struct.unpack_from("<I", data, end - 4)[0]:
+            return None
+        return body, end
+
+    records: list[bytes] = []
+    pos = 0
+    while pos + _HEADER.size + 4 <= len(data):
+        found = record_at(pos)
+        if found is None:  # not a boundary (the window's start, a torn or damaged record): slide on
+            pos += 1
+            continue
+        records.append(found[0])
+        pos = found[1]
+    return records
+
+
+def last_step(logdir: Path) -> int | None:
+    """The highest step of a scalar summary near the end of the newest event file in ``logdir`` that
+    has one. Reads file tails only, so resuming a long run costs the same as a short one."""
+    event_pb2 = _protos().event_pb2
+    for path in sorted(logdir.glob("events.out.tfevents.*"), reverse=True):
+        size = path.stat().st_size
+        window = _TAIL_BYTES
+        while True:
+            steps: list[int] = []
+            for body in tail_records(path, window):
+                event = event_pb2.Event.FromString(body)
+                if event.HasField("summary") and any(v.HasField("simple_value") for v in event.summary.value):
+                    steps.append(event.step)
+            if steps:
+                return int(max(steps))
+            if window >= size:
+                break
+            window *= 2
+    return None
 
 
 class TensorBoardWriter(BaseWriter):
