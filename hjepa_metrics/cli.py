@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,12 +115,13 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from writers import build_writers
 
-    from .replay import replay
+    from .replay import replay, scan_run
 
+    contents = scan_run(args.run)  # a bad run is refused before any backend is touched
     config: Any = args.config or {"backends": [args.to], "log_dir": args.log_dir, "background": False}
     writer = build_writers(config)
     try:
-        counts = replay(args.run, writer, num_hierarchies=args.num_hierarchies)
+        counts = replay(contents, writer, num_hierarchies=args.num_hierarchies)
     finally:
         writer.close()
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
@@ -219,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `hjepa-metrics tags | head`
         sys.stderr.close()
         return 0
+    except (OSError, ValueError, ImportError) as exc:
+        # bad input (a missing or malformed run, a missing extra): one line, not a traceback
+        if os.environ.get("HJEPA_METRICS_TRACEBACK"):
+            raise
+        print(f"hjepa-metrics {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

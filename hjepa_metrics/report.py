@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from writers import read_jsonl
+from writers import RecordError, read_jsonl
+from writers.records import run_file
 
 from . import registry
 from .alerts import Alert, AlertMonitor
@@ -128,6 +129,8 @@ def build_report(
 
     records = read_jsonl(path)
     series = _series(records)
+    if not series:
+        raise RecordError(f"{run_file(path)}: no scalar records; nothing to report")
     n = num_hierarchies or levels_in(series)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

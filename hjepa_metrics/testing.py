@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pytest
 
-from writers.jsonl import JSONLWriter, read_jsonl
+from writers import JSONLWriter, read_jsonl
 
 
 class LoggedRun:

@@ -74,3 +74,90 @@ def test_docs_tag_reference_is_up_to_date() -> None:
     assert docs.read_text(encoding="utf-8") == tags_markdown(3), (
         "docs/tags.md is stale: run `hjepa-metrics tags --format markdown > docs/tags.md`"
     )
+
+
+MALFORMED = {
+    "a JSON list": (b"[1,2,3]\n", ":1: got a JSON list; expected an object"),
+    "no step": (
+        b'{"step": 1, "metrics": {"a": 1}}\n{"metrics": {"a": 1}}\n',
+        ":2: scalars record has step null",
+    ),
+    "a null value": (b'{"step": 1, "metrics": {"a": null}}\n', ":1: metric 'a' is null"),
+    "a bool step": (b'{"step": true, "metrics": {"a": 1}}\n', ":1: scalars record has step true"),
+    "an empty file": (b"", "no records"),
+    "binary": (bytes(range(256)) * 3, ":1: not a JSON record"),
+    "bad JSON mid-file": (
+        b'{"step": 1, "metrics": {"a": 1}}\n{"step": 2,\n{"step": 3, "metrics": {}}\n',
+        ":2:",
+    ),
+    "a bad histogram": (b'{"kind": "histogram", "step": 1, "tag": "h", "min": "x"}\n', ":1: histogram 'min'"),
+    "an escaping image path": (
+        b'{"step": 1, "metrics": {"a": 1}}\n'
+        b'{"kind": "image", "step": 1, "tag": "x", "path": "../../../etc/passwd"}\n',
+        ":2: image path '../../../etc/passwd' leads outside the run directory",
+    ),
+    "an absolute image path": (
+        b'{"kind": "image", "step": 1, "tag": "x", "path": "/etc/passwd"}\n',
+        "leads outside the run directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["replay", "report"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_bad_runs_get_one_clear_line_and_a_nonzero_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, case: str
+) -> None:
+    from hjepa_metrics.cli import main
+
+    content, expected = MALFORMED[case]
+    run = tmp_path / "run.jsonl"
+    run.write_bytes(content)
+    out_dir = tmp_path / "out"
+    extra = ["--to", "jsonl", "--log-dir", str(out_dir)] if command == "replay" else ["--out", str(out_dir)]
+    if command == "report" and case == "an empty file":
+        expected = "no scalar records"
+    assert main([command, str(run), *extra]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"hjepa-metrics {command}: error: "), lines
+    assert str(run) in lines[0] and expected in lines[0]
+    assert not (out_dir / "metrics.jsonl").exists()  # nothing was written for a bad run
+
+
+def test_a_missing_run_is_one_line_from_the_installed_command(tmp_path: Path) -> None:
+    for command in ("replay", "report"):
+        proc = _run(command, str(tmp_path / "nope.jsonl"))
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip() == (
+            f"hjepa-metrics {command}: error: {tmp_path / 'nope.jsonl'}: no such file "
+            "(expected a metrics.jsonl file or its directory)"
+        )
+
+
+def test_replay_refuses_an_image_symlinked_out_of_the_run(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    run_dir = tmp_path / "run"
+    (run_dir / "images").mkdir(parents=True)
+    (run_dir / "images" / "x.png").symlink_to(outside)
+    (run_dir / "metrics.jsonl").write_text(
+        '{"kind": "image", "step": 1, "tag": "x", "path": "images/x.png"}\n', encoding="utf-8"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hjepa_metrics.cli",
+            "replay",
+            str(run_dir),
+            "--to",
+            "jsonl",
+            "--log-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "outside the run directory" in proc.stderr, proc.stderr
+    assert not list((tmp_path / "out").rglob("*.png"))

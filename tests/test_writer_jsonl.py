@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from writers import JSONLWriter, read_jsonl
-from writers.jsonl import scalar_series
+from writers.records import scalar_series
 
 
 def test_scalars_round_trip_losslessly(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from .backends import available_backends
 from .background import BackgroundWriter
 from .base import Backend, BaseWriter, Location, Writer
 from .config import build_writers, load_config
-from .jsonl import JSONLWriter, read_jsonl
+from .jsonl import JSONLWriter
 from .mlflow import MLflowWriter
 from .multi import MultiWriter
+from .records import RecordError, iter_jsonl, read_jsonl
 from .tensorboard import TensorBoardWriter
 from .wandb import WandbWriter
 
@@ -26,11 +27,13 @@ __all__ = [
     "MLflowWriter",
     "MetricsLoggerWriter",
     "MultiWriter",
+    "RecordError",
     "TensorBoardWriter",
     "WandbWriter",
     "Writer",
     "available_backends",
     "build_writers",
+    "iter_jsonl",
     "load_config",
     "read_jsonl",
     "writer_from",

@@ -14,11 +14,9 @@ from typing import Any
 from ._files import WRITE_BYTES, AppendFile
 from ._media import histogram, image_png, png_size, safe_filename
 from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
+from .records import DEFAULT_FILENAME
 
 log = logging.getLogger("writers.jsonl")
-
-DEFAULT_FILENAME = "metrics.jsonl"
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _dumps_stdlib(obj: Any) -> bytes:
@@ -43,10 +41,6 @@ def encode_float(value: Any, tag: str = "value") -> float | str:
     if math.isfinite(f):
         return f
     return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
-
-
-def decode_float(value: Any) -> Any:
-    return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
 def jsonable(obj: Any) -> Any:
@@ -227,40 +221,6 @@ def _cut_torn_tail(path: Path) -> None:
             keep = 0
         log.warning("%s: cut a torn last line (%d bytes) left by an interrupted write", path, size - keep)
         f.truncate(keep)
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a JSONL file (or ``metrics.jsonl`` in a directory), floats restored.
-
-    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` metric values become floats again. A torn last line
-    (no newline, not valid JSON) is skipped with a warning; a bad line elsewhere is an error.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / DEFAULT_FILENAME
-    data = p.read_bytes()
-    lines = data.split(b"\n")
-    records: list[dict[str, Any]] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            if number == len(lines):  # last piece, no trailing newline: a torn write
-                log.warning("%s: skipped a torn last line (%d bytes)", p, len(raw))
-                continue
-            raise ValueError(f"{p}:{number}: not a JSON record: {raw[:80]!r}") from None
-        metrics = record.get("metrics")
-        if isinstance(metrics, dict):
-            record["metrics"] = {k: decode_float(v) for k, v in metrics.items()}
-        records.append(record)
-    return records
-
-
-def scalar_series(records: list[dict[str, Any]], tag: str) -> list[tuple[int, float]]:
-    """``[(step, value), ...]`` of one tag across the scalar records, in file order."""
-    return [(r["step"], r["metrics"][tag]) for r in records if "metrics" in r and tag in r["metrics"]]
 
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> JSONLWriter:
