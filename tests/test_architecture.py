@@ -14,6 +14,7 @@ from hjepa_metrics import registry
 from hjepa_metrics.cli import build_parser, main
 from writers import BackgroundWriter, Location, MultiWriter, Writer, build_writers, read_jsonl
 from writers.backends import BUILTIN, backends_markdown
+from writers.process import ProcessWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,15 @@ def test_each_builtin_backend_is_reachable_from_its_declaration(
         name: _section(name),
     }
     writer = build_writers(config)
-    assert backend.writer is not None and isinstance(writer, backend.writer)
+    # in a writer process by default where the backend says so, its own class otherwise
+    expected = ProcessWriter if backend.process else backend.writer
+    assert expected is not None and isinstance(writer, expected)
     assert writer.locations() and all(isinstance(w, Location) for w in writer.locations())
     writer.close()
+    in_thread = build_writers({**config, name: {**_section(name), "process": False}})
+    assert backend.writer is not None and isinstance(in_thread, backend.writer)
+    assert in_thread.locations() == writer.locations() or name == "wandb"  # a new W&B run each time
+    in_thread.close()
     with pytest.raises(ValueError, match=rf"config\['{name}'\]: unknown keys \['nope'\]"):
         build_writers({"log_dir": str(tmp_path), "backends": [name], name: {"nope": 1}})
     # replay --to and the CLI listing

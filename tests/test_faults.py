@@ -86,8 +86,12 @@ def test_a_backend_failing_to_start_does_not_stop_the_others(
     def broken_init(**kwargs: Any) -> Any:
         raise RuntimeError("wandb-core failed to start")
 
-    monkeypatch.setattr(wandb, "init", broken_init)
-    config = {"log_dir": str(tmp_path), "backends": ["jsonl", "wandb"], "wandb": {"mode": "offline"}}
+    monkeypatch.setattr(wandb, "init", broken_init)  # in this process: no writer process for W&B
+    config = {
+        "log_dir": str(tmp_path),
+        "backends": ["jsonl", "wandb"],
+        "wandb": {"mode": "offline", "process": False},
+    }
     writer = build_writers(config)
     assert "writer 'wandb' failed to start" in caplog.text and "wandb-core failed to start" in caplog.text
     writer.log_scalars({"a": 1.0}, 1)

@@ -35,13 +35,19 @@ def _run(tmp_path: Path, steps: range, resume: bool, crash: bool) -> MultiWriter
     return writer
 
 
+def _run_ids(log_dir: Path) -> tuple[str, str]:
+    """The MLflow and W&B run ids the writers keep in the log dir (what resume reopens)."""
+    return (
+        (log_dir / "mlflow_run_id").read_text(encoding="utf-8").strip(),
+        (log_dir / "wandb_run_id").read_text(encoding="utf-8").strip(),
+    )
+
+
 def test_resume_appends_without_duplicates_in_every_backend(tmp_path: Path) -> None:
-    first = _run(tmp_path, range(10), resume=False, crash=True)  # killed after step 9
-    mlflow_id = first["mlflow"].inner.run_id  # type: ignore[attr-defined]
-    wandb_id = first["wandb"].inner.run_id  # type: ignore[attr-defined]
-    second = _run(tmp_path, range(6, 15), resume=True, crash=False)  # restarted from a checkpoint at 6
-    assert second["mlflow"].inner.run_id == mlflow_id  # type: ignore[attr-defined]
-    assert second["wandb"].inner.run_id == wandb_id  # type: ignore[attr-defined]
+    _run(tmp_path, range(10), resume=False, crash=True)  # killed after step 9
+    mlflow_id, wandb_id = _run_ids(tmp_path)
+    _run(tmp_path, range(6, 15), resume=True, crash=False)  # restarted from a checkpoint at 6
+    assert _run_ids(tmp_path) == (mlflow_id, wandb_id)
     expected = list(range(15))
     # the first run's values are kept for the replayed steps 6..9
     run_of = {s: (1.0 if s < 10 else 2.0) for s in expected}
@@ -69,10 +75,11 @@ def test_resume_appends_without_duplicates_in_every_backend(tmp_path: Path) -> N
 
 
 def test_without_resume_a_new_mlflow_and_wandb_run_starts(tmp_path: Path) -> None:
-    first = _run(tmp_path, range(3), resume=False, crash=False)
-    second = _run(tmp_path, range(3), resume=False, crash=False)
-    assert second["mlflow"].inner.run_id != first["mlflow"].inner.run_id  # type: ignore[attr-defined]
-    assert second["wandb"].inner.run_id != first["wandb"].inner.run_id  # type: ignore[attr-defined]
+    _run(tmp_path, range(3), resume=False, crash=False)
+    first = _run_ids(tmp_path)
+    _run(tmp_path, range(3), resume=False, crash=False)
+    second = _run_ids(tmp_path)
+    assert second[0] != first[0] and second[1] != first[1]
 
 
 def _peak_python_bytes(make: Callable[[], Any]) -> tuple[Any, int]:

@@ -89,11 +89,11 @@ def test_four_backends_at_once_with_one_failing_mid_run(
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss/total")] == steps
     assert [r["global_step"] for r in wandb_reader.history(tmp_path)] == steps
-    mlflow_writer = multi["mlflow"].inner  # type: ignore[attr-defined]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(mlflow_writer.run_id, "train/loss/total")] == steps  # type: ignore[attr-defined]
+    run_id = (tmp_path / "mlflow_run_id").read_text(encoding="utf-8")
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss/total")] == steps
     assert _wandb_core_children() == []
 
 

@@ -81,6 +81,8 @@ class Writer(Protocol):
 
 
 Factory = Callable[[Mapping[str, Any], Mapping[str, Any]], Writer]
+# Keys every backend section accepts besides its own options.
+SECTION_KEYS = frozenset({"enabled", "process"})
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ class Backend:
     ``options`` are the keys of its config section with their defaults (``None``: derived from the
     common keys ``experiment_name``, ``log_dir`` and ``resume``; an ``options`` of ``None`` accepts
     any key); ``build(section, common)`` makes the writer; ``writes`` is its line in the docs table;
-    ``requires`` is the module its extra installs, without which the writer cannot work.
+    ``requires`` is the module its extra installs, without which the writer cannot work; ``process``
+    says whether its writer runs in a child process by default (a Python-heavy client that would
+    compete with training for the GIL, or a run that must be closed even when training is killed).
+    Every section also accepts ``enabled`` and ``process`` (overriding that default).
     """
 
     name: str
@@ -100,6 +105,7 @@ class Backend:
     options: Mapping[str, Any] | None = None
     writes: str = ""
     writer: type | None = None
+    process: bool = False
 
     def check_installed(self) -> None:
         """Raise the "install the extra" error now if :attr:`requires` is missing (without importing it)."""
@@ -113,11 +119,11 @@ class Backend:
         if not isinstance(section, Mapping):
             raise ValueError(f"config[{self.name!r}]: got {type(section).__name__}; expected a mapping")
         if self.options is not None:
-            unknown = sorted(set(section) - set(self.options) - {"enabled"})
+            unknown = sorted(set(section) - set(self.options) - SECTION_KEYS)
             if unknown:
                 raise ValueError(
                     f"config[{self.name!r}]: unknown keys {unknown}; "
-                    f"expected some of {sorted({*self.options, 'enabled'})}"
+                    f"expected some of {sorted({*self.options, *SECTION_KEYS})}"
                 )
             return {**{k: v for k, v in self.options.items() if v is not None}, **section}
         return section

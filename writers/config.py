@@ -21,7 +21,8 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Mapping
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .background import BackgroundWriter
 from .base import Writer, as_list, missing_extra
 from .lifecycle import DEFAULT_FLUSH_INTERVAL, DEFAULT_TIMEOUT
 from .multi import MultiWriter
+from .process import ProcessWriter
 
 log = logging.getLogger("writers.config")
 
@@ -132,6 +134,17 @@ def selected_backends(config: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _picklable(make: Callable[[], Writer], name: str) -> bool:
+    try:
+        pickle.dumps(make)
+    except Exception as exc:  # a factory defined in a closure: it runs in this process instead
+        log.info(
+            "writer %r runs in this process: its factory cannot be sent to a writer process (%s)", name, exc
+        )
+        return False
+    return True
+
+
 def _seconds(cfg: Mapping[str, Any], key: str, default: float) -> float:
     value = cfg.get(key, default)
     try:
@@ -181,13 +194,16 @@ def build_writers(
         for name in names:
             backend, section = known[name], sections[name]
             backend.check_installed()  # a missing extra is the user's to fix, now, not later
+            make: Callable[[], Writer] = functools.partial(backend.build, section, common)
+            if _truthy(section.get("process", backend.process)) and _picklable(make, name):
+                make = functools.partial(ProcessWriter, make, name=name, timeout=timeout)
             try:
                 if background:
                     # built on its own thread: a server that is slow to answer delays training by at
                     # most `timeout`, then the writer goes on starting in the background
                     writers.append(
                         BackgroundWriter(
-                            functools.partial(backend.build, section, common),
+                            make,
                             name=name,
                             max_queue=max_queue,
                             when_full=when_full,
@@ -196,7 +212,7 @@ def build_writers(
                         )
                     )
                 else:
-                    writers.append(backend.build(section, common))
+                    writers.append(make())
             except (ImportError, ValueError, TypeError):
                 raise  # a missing extra or a bad option: the user must fix the config
             except Exception as exc:

@@ -299,4 +299,5 @@ BACKEND = Backend(
     writes="`log_batch` (≤ 1000 metrics) across steps; keys sanitized with collisions detected; images and "
     "histograms as artifacts; run FAILED when the process dies of an exception",
     writer=MLflowWriter,
+    process=True,
 )

@@ -239,4 +239,5 @@ BACKEND = Backend(
     "media as `wandb.Histogram`/`wandb.Image`; the layout as `custom_scalars_layout.json` in the run "
     "files; exit code 1 on failure",
     writer=WandbWriter,
+    process=True,
 )

@@ -1,0 +1,273 @@
+"""A writer in a child Python process: off the training process's GIL, and alive after it dies.
+
+The child is a fresh interpreter (``python -m writers._child``, so the training script is never
+re-imported) that builds the writer from a pickled factory and runs every call it is sent, in
+order. Its timed flush runs there. If the training process dies, even of SIGKILL or an OOM kill, the
+child reads end-of-file on its pipe, flushes, closes the run as killed and exits: what the training
+process had sent is written, and the run does not stay "running".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from ._media import image_png, is_figure, to_numpy
+from .base import BaseWriter, LayoutDict, Location, Writer, check_step
+from .lifecycle import DEFAULT_TIMEOUT, lifecycle
+
+log = logging.getLogger("writers.process")
+
+_LENGTH = struct.Struct("<I")
+# How long a child may take to import its backend and start (W&B's own start waits up to 90 s).
+START_TIMEOUT = 300.0
+# The pipe to the child holds this much, so a slow backend does not block the caller at once.
+_PIPE_BYTES = 1 << 20
+# Errors the parent re-raises as themselves (a missing extra, a bad option): the user's to fix.
+_USER_ERRORS: dict[str, type[Exception]] = {
+    "ImportError": ImportError,
+    "ModuleNotFoundError": ImportError,
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+}
+
+
+def send_frame(stream: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def receive_frame(stream: IO[bytes]) -> Any:
+    """The next message, or ``None`` at end of file (the other process is gone)."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    data = stream.read(length)
+    return pickle.loads(data) if len(data) == length else None
+
+
+_open_writers: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
+
+
+def _detach_in_forked_child() -> None:
+    # A fork (a DataLoader worker) inherits the pipes; were they kept open, the writer process would
+    # not see end-of-file when the training process dies. Point them at /dev/null: nothing the fork
+    # does, garbage collection included, can reach the writer process.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for writer in list(_open_writers):
+            writer._detach(devnull)
+    finally:
+        os.close(devnull)
+
+
+os.register_at_fork(after_in_child=_detach_in_forked_child)
+
+
+class ProcessWriter(BaseWriter):
+    """Runs the writer that ``build()`` returns in a child process (``build`` must pickle: a
+    module-level function or a ``functools.partial`` of one).
+
+    Calls are sent in order through a pipe and return at once; ``flush()`` waits until the child has
+    written everything sent before it, ``close()`` until it has closed the run, each for ``timeout``
+    seconds at most (a child still busy then finishes on its own). Errors in the child are logged
+    there, counted and reported back with each flush. Figures and tensors are snapshotted before
+    they are sent. :meth:`locations` are the child writer's.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], Writer],
+        *,
+        name: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._replies: dict[int, threading.Event] = {}
+        self._counts: dict[str, int] = {}
+        self._errors = 0
+        self._child_error: str | None = None
+        self._seq = 0
+        self._gone = False
+        self._locations: list[Location] = []
+        payload = pickle.dumps(build, protocol=pickle.HIGHEST_PROTOCOL)  # fails here, not in the child
+        env = dict(os.environ)
+        # the child imports what this process imports (a source checkout, a user's backend module)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "writers._child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._to_child: IO[bytes] = self._proc.stdin
+        self._from_child: IO[bytes] = self._proc.stdout
+        _grow_pipe(self._to_child)
+        self._to_child.write(_LENGTH.pack(len(payload)) + payload)
+        self._to_child.flush()
+        self._await_start(start_timeout)
+        self._reader = threading.Thread(
+            target=self._read_replies, name=f"writers-{name}-replies", daemon=True
+        )
+        self._reader.start()
+        _open_writers.add(self)
+        super().__init__()
+
+    def _await_start(self, start_timeout: float) -> None:
+        result: list[Any] = []
+        waiter = threading.Thread(target=lambda: result.append(receive_frame(self._from_child)), daemon=True)
+        waiter.start()
+        waiter.join(start_timeout)
+        reply = result[0] if result else None
+        if reply is not None and reply[0] == "started":
+            self._locations = list(reply[1])
+            return
+        self._proc.kill()
+        self._proc.wait()
+        if reply is None:
+            raise RuntimeError(
+                f"{self.name}: the writer process did not start within {start_timeout:.0f} s "
+                f"(exit code {self._proc.returncode})"
+            )
+        _, kind, message = reply
+        raise _USER_ERRORS.get(kind, RuntimeError)(f"{self.name} (in its writer process): {kind}: {message}")
+
+    # -- replies
+    def _read_replies(self) -> None:
+        while True:
+            reply = receive_frame(self._from_child)
+            if reply is None:
+                break
+            _, seq, counts, error = reply
+            self._counts = dict(counts)
+            if error is not None and self._child_error is None:
+                self._child_error = error
+            event = self._replies.pop(seq, None)
+            if event is not None:
+                event.set()
+        self._gone = True
+        for event in list(self._replies.values()):
+            event.set()
+        if not self._closed:
+            code = self._proc.wait()
+            log.warning(
+                "%s: its writer process exited (code %s); further records are dropped and counted",
+                self.name,
+                code,
+            )
+
+    # -- sending
+    def _send(self, message: tuple[Any, ...], *, reply: bool = False) -> threading.Event | None:
+        event = threading.Event() if reply else None
+        with self._lock:
+            if self._gone:
+                self._errors += 1
+                return None
+            if event is not None:
+                self._seq += 1
+                self._replies[self._seq] = event
+                message = (*message, self._seq)
+            try:
+                send_frame(self._to_child, message)
+            except (BrokenPipeError, ValueError, OSError):  # the child is gone, or the pipe closed
+                self._gone = True
+                self._errors += 1
+                return None
+        return event
+
+    def _wait(self, event: threading.Event | None, what: str) -> None:
+        if event is None:
+            return
+        if not event.wait(self.timeout):
+            self._errors += 1
+            log.warning(
+                "%s: its writer process did not %s within %.0f s; it goes on in the background",
+                self.name,
+                what,
+                self.timeout,
+            )
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: write after close")
+        self._send(("call", method, args, kwargs))
+        self._mark_dirty()
+
+    # -- the writer protocol
+    def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
+        stamped = time.time() if wall_time is None else wall_time
+        self._call("log_scalars", {str(k): float(v) for k, v in metrics.items()}, check_step(step), stamped)
+
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        snapshot = values if hasattr(values, "edges") else to_numpy(values, tag)
+        self._call("log_histogram", tag, snapshot, check_step(step))
+
+    def log_image(self, tag: str, image: Any, step: int) -> None:
+        snapshot = image_png(image, tag) if is_figure(image) else image
+        if not isinstance(snapshot, (bytes, bytearray)):
+            snapshot = to_numpy(snapshot, tag)
+        self._call("log_image", tag, snapshot, check_step(step))
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._call("log_config", dict(config))
+
+    def log_layout(self, layout: LayoutDict) -> None:
+        self._call("log_layout", dict(layout))
+
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        self._call("define_summaries", dict(summaries))
+
+    def locations(self) -> list[Location]:
+        return list(self._locations)
+
+    def error_counts(self) -> dict[str, int]:
+        """The child writer's counts (as of its last reply) plus calls that never reached it."""
+        counts = dict(self._counts)
+        if self._errors:
+            counts[self.name] = counts.get(self.name, 0) + self._errors
+        return counts
+
+    def _flush(self) -> None:
+        self._wait(self._send(("flush",), reply=True), "flush")
+
+    def _close(self, failed: bool) -> None:
+        _open_writers.discard(self)
+        self._wait(self._send(("close", failed, lifecycle.killed), reply=True), "close")
+        with contextlib.suppress(OSError):
+            self._to_child.close()  # end of file: the child exits once it has closed the run
+        if self._child_error is not None:
+            log.debug("%s: first error in its writer process: %s", self.name, self._child_error)
+
+    def _detach(self, devnull: int) -> None:
+        for stream in (self._to_child, self._from_child):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        self._gone = True
+
+
+def _grow_pipe(stream: IO[bytes]) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: the default pipe size will do
+        return
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if setsize is not None:
+        with contextlib.suppress(OSError):  # above pipe-max-size: the default 64 KiB will do
+            fcntl.fcntl(stream.fileno(), setsize, _PIPE_BYTES)
