@@ -1,0 +1,168 @@
+"""The job dies, or never closes its logger: what was logged is on every backend, and runs say how it ended.
+
+Each test runs a real training-like child process with all four backends, kills it for real (SIGKILL,
+SIGTERM) or lets it exit without closing, and reads every backend back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from writers import read_jsonl
+
+pytest.importorskip("wandb")
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+
+STEPS = 150
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+
+
+def _config(log_dir: Path, backends: list[str], **extra: object) -> dict[str, object]:
+    return {
+        "log_dir": str(log_dir),
+        "backends": backends,
+        "wandb": {"mode": "offline", "project": "p", **extra.pop("wandb", {})},  # type: ignore[dict-item]
+        "flush_interval": 1.0,
+        **extra,
+    }
+
+
+def _readback(log_dir: Path, tag: str = "train/loss") -> dict[str, object]:
+    """Steps of ``tag`` per backend, with the MLflow run status and W&B exit codes."""
+    import wandb_reader
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    client = MlflowClient(tracking_uri=f"sqlite:///{log_dir.resolve() / 'mlflow.db'}")
+    run_id = (log_dir / "mlflow_run_id").read_text(encoding="utf-8").strip()
+    return {
+        "jsonl": [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if tag in r.get("metrics", {})],
+        "tensorboard": [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else [],
+        "mlflow": sorted(m.step for m in client.get_metric_history(run_id, tag)),
+        "wandb": [r["global_step"] for r in wandb_reader.history(log_dir) if tag in r],
+        "mlflow_status": client.get_run(run_id).info.status,
+        "wandb_exit": wandb_reader.exit_codes(log_dir),
+    }
+
+
+def _wait_for_run_end(log_dir: Path, timeout: float = 60.0) -> None:
+    """The writer processes finish on their own after the training process died: wait for them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{log_dir.resolve() / 'mlflow.db'}")
+    run_id = (log_dir / "mlflow_run_id").read_text(encoding="utf-8").strip()
+    deadline = time.monotonic() + timeout
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2.0)  # W&B's exit record follows the MLflow status in the writer process
+
+
+def _training_script(config: dict[str, object], before: str = "") -> str:
+    return textwrap.dedent(
+        f"""
+        import sys, time
+        {before}
+        from writers import build_writers
+        writer = build_writers({config!r})
+        writer.log_scalars({{"train/loss": 0.0}}, 0)
+        writer.flush()  # every backend is up
+        for step in range(1, {STEPS}):
+            writer.log_scalars({{"train/loss": 1.0 / step}}, step)
+        print("logged", flush=True)
+        time.sleep(600)  # a quiet spell: data loading, evaluation, a hang
+        """
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_job_loses_nothing_older_than_the_flush_interval(tmp_path: Path, sig: int) -> None:
+    config = _config(tmp_path, ["jsonl", "tensorboard", "mlflow", "wandb"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _training_script(config)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "logged"
+        time.sleep(3.0)  # longer than flush_interval (1 s): everything must be on disk now
+        os.kill(proc.pid, sig)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == -sig  # the process ended as the signal's default action would end it
+    _wait_for_run_end(tmp_path)
+    got = _readback(tmp_path)
+    for backend in ("jsonl", "tensorboard", "mlflow", "wandb"):
+        assert got[backend] == list(range(STEPS)), backend
+    assert got["mlflow_status"] == "KILLED"
+    assert got["wandb_exit"] == [128 + signal.SIGTERM]  # "killed", the status a shell reports
+
+
+def test_sigterm_chains_the_handler_installed_before(tmp_path: Path) -> None:
+    marker = tmp_path / "handled"
+    before = textwrap.dedent(
+        f"""
+        import signal
+        def checkpoint_and_exit(signum, frame):
+            open({str(marker)!r}, "w").write("checkpointed")
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, checkpoint_and_exit)
+        """
+    ).replace("\n", "\n        ")
+    config = _config(tmp_path, ["jsonl", "tensorboard", "mlflow", "wandb"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _training_script(config, before)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "logged"
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 7 and marker.read_text() == "checkpointed"  # the user's handler decided the exit
+    _wait_for_run_end(tmp_path)
+    got = _readback(tmp_path)
+    for backend in ("jsonl", "tensorboard", "mlflow", "wandb"):
+        assert got[backend] == list(range(STEPS)), backend
+    assert got["mlflow_status"] == "KILLED"
+
+
+@pytest.mark.parametrize(
+    ("backends", "process"),
+    [
+        (["jsonl", "wandb", "mlflow", "tensorboard"], True),
+        (["tensorboard", "mlflow", "jsonl", "wandb"], False),  # W&B in this process, built last
+        (["wandb", "tensorboard", "jsonl", "mlflow"], False),
+    ],
+)
+def test_a_logger_never_closed_loses_nothing_at_exit(
+    tmp_path: Path, backends: list[str], process: bool
+) -> None:
+    config = _config(
+        tmp_path, backends, wandb={"process": process}, mlflow={"process": process}, background=not process
+    )
+    script = textwrap.dedent(
+        f"""
+        from hjepa_metrics import HJEPAMetricsLogger
+        logger = HJEPAMetricsLogger(config={config!r})
+        for step in range(100):
+            logger.log_scalars({{"loss/total": 1.0 / (step + 1)}}, global_step=step)
+        # no close(), no flush(): the interpreter exits normally
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = _readback(tmp_path, "train/loss/total")
+    for backend in backends:
+        assert got[backend] == list(range(100)), (backend, out.stderr[-2000:])
+    assert got["mlflow_status"] == "FINISHED"
+    assert got["wandb_exit"] == [0]
