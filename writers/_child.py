@@ -47,13 +47,12 @@ def main() -> None:
 
 def serve(writer: Writer, requests: IO[bytes], replies: IO[bytes]) -> None:
     errors = 0
-    first_error: str | None = None
 
     def answer(seq: int) -> None:
         counts = dict(writer.error_counts())
         if errors:
             counts[writer.name] = counts.get(writer.name, 0) + errors
-        send_frame(replies, ("ack", seq, counts, first_error))
+        send_frame(replies, ("ack", seq, counts))
 
     while True:
         message = receive_frame(requests)
@@ -76,10 +75,13 @@ def serve(writer: Writer, requests: IO[bytes], replies: IO[bytes]) -> None:
                 return
         except Exception as exc:  # one failing call must not stop the others
             errors += 1
-            if first_error is None:
-                first_error = f"{type(exc).__name__}: {exc}"
+            if errors == 1:
                 log.warning(
-                    "%s failed in %s (%s); further errors are counted", writer.name, kind, first_error
+                    "%s failed in %s (%s: %s); further errors are counted",
+                    writer.name,
+                    kind,
+                    type(exc).__name__,
+                    exc,
                 )
         if kind == "flush":
             answer(message[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -48,25 +49,47 @@ class MultiWriter(BaseWriter):
     def locations(self) -> list[Location]:
         return [where for writer in self.writers for where in writer.locations()]
 
-    def _each(self, action: str, call: Callable[[Writer], Any]) -> None:
-        first_error: BaseException | None = None
-        for writer in self.writers:
+    def _each(self, action: str, call: Callable[[Writer], Any], *, concurrently: bool = False) -> None:
+        """``call`` on every writer, isolated: a failure is counted (warned once per writer) and the
+        others go on. ``concurrently`` runs them side by side, so a flush or close waits for the
+        slowest backend's bound, not the sum of them."""
+        outcomes: list[BaseException | None] = [None] * len(self.writers)
+
+        def run(i: int, writer: Writer) -> None:
             try:
                 call(writer)
             except Exception as exc:
-                self._errors[writer.name] += 1
-                if self.strict:
-                    first_error = first_error or exc
-                elif self._errors[writer.name] == 1:
-                    log.warning(
-                        "writer %r failed in %s (%s: %s); the other writers and training go on, "
-                        "further errors of this writer are counted in MultiWriter.errors",
-                        writer.name,
-                        action,
-                        type(exc).__name__,
-                        exc,
-                        exc_info=exc,
-                    )
+                outcomes[i] = exc
+
+        if concurrently and len(self.writers) > 1:
+            threads = [
+                threading.Thread(target=run, args=(i, w), name=f"writers-{action}-{w.name}", daemon=True)
+                for i, w in enumerate(self.writers)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        else:
+            for i, writer in enumerate(self.writers):
+                run(i, writer)
+        first_error: BaseException | None = None
+        for writer, exc in zip(self.writers, outcomes, strict=True):
+            if exc is None:
+                continue
+            self._errors[writer.name] += 1
+            if self.strict:
+                first_error = first_error or exc
+            elif self._errors[writer.name] == 1:
+                log.warning(
+                    "writer %r failed in %s (%s: %s); the other writers and training go on, "
+                    "further errors of this writer are counted in MultiWriter.errors",
+                    writer.name,
+                    action,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
         if first_error is not None:
             raise first_error
 
@@ -89,10 +112,10 @@ class MultiWriter(BaseWriter):
         self._each("define_summaries", lambda w: w.define_summaries(summaries))
 
     def _flush(self) -> None:
-        self._each("flush", lambda w: w.flush())
+        self._each("flush", lambda w: w.flush(), concurrently=True)
 
     def _close(self, failed: bool) -> None:
-        self._each("close", lambda w: w.close(failed=failed))
+        self._each("close", lambda w: w.close(failed=failed), concurrently=True)
 
     def __getitem__(self, name: str) -> Writer:
         for writer in self.writers:

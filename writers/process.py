@@ -29,8 +29,6 @@ from .lifecycle import DEFAULT_TIMEOUT, lifecycle
 log = logging.getLogger("writers.process")
 
 _LENGTH = struct.Struct("<I")
-# How long a child may take to import its backend and start (W&B's own start waits up to 90 s).
-START_TIMEOUT = 300.0
 # The pipe to the child holds this much, so a slow backend does not block the caller at once.
 _PIPE_BYTES = 1 << 20
 # Errors the parent re-raises as themselves (a missing extra, a bad option): the user's to fix.
@@ -80,30 +78,28 @@ class ProcessWriter(BaseWriter):
     """Runs the writer that ``build()`` returns in a child process (``build`` must pickle: a
     module-level function or a ``functools.partial`` of one).
 
-    Calls are sent in order through a pipe and return at once; ``flush()`` waits until the child has
-    written everything sent before it, ``close()`` until it has closed the run, each for ``timeout``
-    seconds at most (a child still busy then finishes on its own). Errors in the child are logged
-    there, counted and reported back with each flush. Figures and tensors are snapshotted before
-    they are sent. :meth:`locations` are the child writer's.
+    Calls are sent in order through a pipe and return at once. The constructor waits ``timeout``
+    seconds at most for the child to build its writer: a failure by then is raised here (as
+    ``ImportError``/``ValueError``/``TypeError`` where it is the user's to fix); a slower start goes
+    on in the background, calls queue in the pipe meanwhile, and a late failure is logged and
+    counted. ``flush()`` waits until the child has written everything sent before it, ``close()``
+    until it has closed the run, each for ``timeout`` seconds at most: a child still busy then
+    finishes on its own, one that never started is stopped. Errors in the child are logged there
+    and counted back with each flush. Figures and tensors are snapshotted before they are sent.
     """
 
-    def __init__(
-        self,
-        build: Callable[[], Writer],
-        *,
-        name: str,
-        timeout: float = DEFAULT_TIMEOUT,
-        start_timeout: float = START_TIMEOUT,
-    ) -> None:
+    def __init__(self, build: Callable[[], Writer], *, name: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         self._lock = threading.Lock()
         self._replies: dict[int, threading.Event] = {}
         self._counts: dict[str, int] = {}
         self._errors = 0
-        self._child_error: str | None = None
         self._seq = 0
         self._gone = False
+        self._started = threading.Event()
+        self._awaiting = True  # the constructor raises a failure it sees; the reader reports a later one
+        self._start_failure: tuple[str, str] | None = None
         self._locations: list[Location] = []
         payload = pickle.dumps(build, protocol=pickle.HIGHEST_PROTOCOL)  # fails here, not in the child
         env = dict(os.environ)
@@ -122,55 +118,70 @@ class ProcessWriter(BaseWriter):
         _grow_pipe(self._to_child)
         self._to_child.write(_LENGTH.pack(len(payload)) + payload)
         self._to_child.flush()
-        self._await_start(start_timeout)
         self._reader = threading.Thread(
             target=self._read_replies, name=f"writers-{name}-replies", daemon=True
         )
         self._reader.start()
         _open_writers.add(self)
         super().__init__()
+        self._await_start()
 
-    def _await_start(self, start_timeout: float) -> None:
-        result: list[Any] = []
-        waiter = threading.Thread(target=lambda: result.append(receive_frame(self._from_child)), daemon=True)
-        waiter.start()
-        waiter.join(start_timeout)
-        reply = result[0] if result else None
-        if reply is not None and reply[0] == "started":
-            self._locations = list(reply[1])
-            return
-        self._proc.kill()
-        self._proc.wait()
-        if reply is None:
-            raise RuntimeError(
-                f"{self.name}: the writer process did not start within {start_timeout:.0f} s "
-                f"(exit code {self._proc.returncode})"
+    def _await_start(self) -> None:
+        started = self._started.wait(self.timeout)
+        with self._lock:
+            self._awaiting = False
+        if not started:
+            log.warning(
+                "%s: its writer process is still starting after %.0f s (a slow import or server?); "
+                "records are queued for it, training goes on",
+                self.name,
+                self.timeout,
             )
-        _, kind, message = reply
-        raise _USER_ERRORS.get(kind, RuntimeError)(f"{self.name} (in its writer process): {kind}: {message}")
+            return
+        if self._start_failure is not None:
+            kind, message = self._start_failure
+            self._end_child()
+            super().close()
+            raise _USER_ERRORS.get(kind, RuntimeError)(
+                f"{self.name} (in its writer process): {kind}: {message}"
+            )
 
     # -- replies
     def _read_replies(self) -> None:
-        while True:
-            reply = receive_frame(self._from_child)
-            if reply is None:
-                break
-            _, seq, counts, error = reply
-            self._counts = dict(counts)
-            if error is not None and self._child_error is None:
-                self._child_error = error
-            event = self._replies.pop(seq, None)
-            if event is not None:
-                event.set()
-        self._gone = True
+        first = receive_frame(self._from_child)
+        if first is not None and first[0] == "started":
+            self._locations = list(first[1])
+        elif first is not None:
+            _, kind, message = first
+            with self._lock:
+                self._start_failure = (kind, message)
+                late = not self._awaiting
+            if late:
+                self._errors += 1
+                log.warning(
+                    "%s failed to start in its writer process (%s: %s); its records are dropped and "
+                    "counted, training goes on",
+                    self.name,
+                    kind,
+                    message,
+                )
+        self._started.set()
+        if first is not None and first[0] == "started":
+            while (reply := receive_frame(self._from_child)) is not None:
+                _, seq, counts = reply
+                self._counts = dict(counts)
+                event = self._replies.pop(seq, None)
+                if event is not None:
+                    event.set()
+        with self._lock:
+            self._gone = True
         for event in list(self._replies.values()):
             event.set()
-        if not self._closed:
-            code = self._proc.wait()
+        if self._start_failure is None and not self._closed:
             log.warning(
                 "%s: its writer process exited (code %s); further records are dropped and counted",
                 self.name,
-                code,
+                self._proc.wait(),
             )
 
     # -- sending
@@ -250,10 +261,15 @@ class ProcessWriter(BaseWriter):
     def _close(self, failed: bool) -> None:
         _open_writers.discard(self)
         self._wait(self._send(("close", failed, lifecycle.killed), reply=True), "close")
+        if not self._started.is_set() or self._start_failure is not None:
+            self._end_child()  # it never started: nothing of the run is in flight
         with contextlib.suppress(OSError):
             self._to_child.close()  # end of file: the child exits once it has closed the run
-        if self._child_error is not None:
-            log.debug("%s: first error in its writer process: %s", self.name, self._child_error)
+
+    def _end_child(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
 
     def _detach(self, devnull: int) -> None:
         for stream in (self._to_child, self._from_child):
