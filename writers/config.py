@@ -162,8 +162,10 @@ def build_writers(
     """One writer, or a :class:`MultiWriter` over several, from a config dict, file or the environment.
 
     With no config and no ``HJEPA_METRICS_*`` variables: TensorBoard and JSONL under ``runs/hjepa``.
-    Each backend is built and runs on its own background thread (:class:`BackgroundWriter`) unless
-    ``background: false``; ``max_queue`` and ``when_full`` (``block`` or ``drop``) set its queue.
+    MLflow and W&B run in a writer process of their own (:class:`ProcessWriter`; ``process: false`` in
+    their section keeps them in this process); the others are built and run on a background thread
+    each (:class:`BackgroundWriter`) unless ``background: false``; ``max_queue`` and ``when_full``
+    (``block`` or ``drop``) set its queue.
     ``flush_interval`` (s, default 5) bounds how old an unwritten record gets, so a killed job loses at
     most that much; ``timeout`` (s, default 10) bounds how long a slow, hung or unreachable backend may
     hold up construction, a call, ``flush()`` or ``close()`` (a backend still starting after it goes
@@ -195,10 +197,11 @@ def build_writers(
             backend, section = known[name], sections[name]
             backend.check_installed()  # a missing extra is the user's to fix, now, not later
             make: Callable[[], Writer] = functools.partial(backend.build, section, common)
-            if _truthy(section.get("process", backend.process)) and _picklable(make, name):
-                make = functools.partial(ProcessWriter, make, name=name, timeout=timeout)
             try:
-                if background:
+                if _truthy(section.get("process", backend.process)) and _picklable(make, name):
+                    # its own process: calls never block, and it starts in the background already
+                    writers.append(ProcessWriter(make, name=name, timeout=timeout, strict=strict_mode))
+                elif background:
                     # built on its own thread: a server that is slow to answer delays training by at
                     # most `timeout`, then the writer goes on starting in the background
                     writers.append(

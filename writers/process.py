@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import pickle
+import select
+import signal
 import struct
 import subprocess
 import sys
@@ -29,8 +31,9 @@ from .lifecycle import DEFAULT_TIMEOUT, lifecycle
 log = logging.getLogger("writers.process")
 
 _LENGTH = struct.Struct("<I")
-# The pipe to the child holds this much, so a slow backend does not block the caller at once.
+# The pipe to the child holds this much; beyond it, calls wait in memory up to MAX_PENDING_BYTES.
 _PIPE_BYTES = 1 << 20
+MAX_PENDING_BYTES = 64 << 20
 # Errors the parent re-raises as themselves (a missing extra, a bad option): the user's to fix.
 _USER_ERRORS: dict[str, type[Exception]] = {
     "ImportError": ImportError,
@@ -40,20 +43,35 @@ _USER_ERRORS: dict[str, type[Exception]] = {
 }
 
 
-def send_frame(stream: IO[bytes], message: Any) -> None:
+def frame(message: Any) -> bytes:
+    """``message`` pickled, behind its length."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_LENGTH.pack(len(data)) + data)
+    return _LENGTH.pack(len(data)) + data
+
+
+def send_frame(stream: IO[bytes], message: Any) -> None:
+    stream.write(frame(message))
     stream.flush()
 
 
 def receive_frame(stream: IO[bytes]) -> Any:
     """The next message, or ``None`` at end of file (the other process is gone)."""
-    header = stream.read(_LENGTH.size)
-    if len(header) < _LENGTH.size:
+    header = _read_exactly(stream, _LENGTH.size)
+    if header is None:
         return None
-    (length,) = _LENGTH.unpack(header)
-    data = stream.read(length)
-    return pickle.loads(data) if len(data) == length else None
+    data = _read_exactly(stream, _LENGTH.unpack(header)[0])
+    return None if data is None else pickle.loads(data)
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 _open_writers: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
@@ -78,30 +96,46 @@ class ProcessWriter(BaseWriter):
     """Runs the writer that ``build()`` returns in a child process (``build`` must pickle: a
     module-level function or a ``functools.partial`` of one).
 
-    Calls are sent in order through a pipe and return at once. The constructor waits ``timeout``
-    seconds at most for the child to build its writer: a failure by then is raised here (as
-    ``ImportError``/``ValueError``/``TypeError`` where it is the user's to fix); a slower start goes
-    on in the background, calls queue in the pipe meanwhile, and a late failure is logged and
-    counted. ``flush()`` waits until the child has written everything sent before it, ``close()``
-    until it has closed the run, each for ``timeout`` seconds at most: a child still busy then
-    finishes on its own, one that never started is stopped. Errors in the child are logged there
-    and counted back with each flush. Figures and tensors are snapshotted before they are sent.
+    Calls never block: each is pickled into the pipe to the child, or, while the child is slow and
+    the pipe full, kept in memory (up to ``max_pending`` bytes, then dropped and counted) and pushed
+    on by the timed flush. The constructor waits ``timeout`` seconds at most for the child to build
+    its writer: a failure by then is raised here (as ``ImportError``/``ValueError``/``TypeError``
+    where it is the user's to fix); a slower start goes on in the background, and a late failure is
+    logged and counted. ``flush()`` waits until the child has written everything sent before it,
+    ``close()`` until it has closed the run, each for ``timeout`` seconds at most: a child still busy
+    then finishes on its own, one that never started is stopped. Errors in the child are logged
+    there (on this process's stderr) and counted back with each flush; with ``strict=True`` a flush
+    or close that finds new errors raises.
     """
 
-    def __init__(self, build: Callable[[], Writer], *, name: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    timed_flush = True  # pushes on what the pipe could not take yet
+
+    def __init__(
+        self,
+        build: Callable[[], Writer],
+        *,
+        name: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_pending: int = MAX_PENDING_BYTES,
+        strict: bool = False,
+    ) -> None:
         self.name = name
         self.timeout = timeout
+        self.strict = strict
+        self.dropped = 0
+        self._max_pending = max_pending
         self._lock = threading.Lock()
+        self._out = bytearray(frame(build))  # the factory goes first; pickling fails here, not there
         self._replies: dict[int, threading.Event] = {}
         self._counts: dict[str, int] = {}
         self._errors = 0
         self._seq = 0
         self._gone = False
+        self._slow = False
         self._started = threading.Event()
         self._awaiting = True  # the constructor raises a failure it sees; the reader reports a later one
         self._start_failure: tuple[str, str] | None = None
         self._locations: list[Location] = []
-        payload = pickle.dumps(build, protocol=pickle.HIGHEST_PROTOCOL)  # fails here, not in the child
         env = dict(os.environ)
         # the child imports what this process imports (a source checkout, a user's backend module)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -110,14 +144,17 @@ class ProcessWriter(BaseWriter):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            bufsize=0,
             close_fds=True,
+            start_new_session=True,  # Ctrl-C and signals to the job's process group are not its own
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._to_child: IO[bytes] = self._proc.stdin
+        self._to_child = self._proc.stdin
         self._from_child: IO[bytes] = self._proc.stdout
-        _grow_pipe(self._to_child)
-        self._to_child.write(_LENGTH.pack(len(payload)) + payload)
-        self._to_child.flush()
+        _grow_pipe(self._to_child.fileno())
+        os.set_blocking(self._to_child.fileno(), False)
+        with self._lock:
+            self._drain()
         self._reader = threading.Thread(
             target=self._read_replies, name=f"writers-{name}-replies", daemon=True
         )
@@ -132,8 +169,8 @@ class ProcessWriter(BaseWriter):
             self._awaiting = False
         if not started:
             log.warning(
-                "%s: its writer process is still starting after %.0f s (a slow import or server?); "
-                "records are queued for it, training goes on",
+                "%s: its writer process is still starting after %.0f s (a slow import, or a slow or "
+                "unreachable server?); records are queued for it, training goes on",
                 self.name,
                 self.timeout,
             )
@@ -152,9 +189,8 @@ class ProcessWriter(BaseWriter):
         if first is not None and first[0] == "started":
             self._locations = list(first[1])
         elif first is not None:
-            _, kind, message = first
             with self._lock:
-                self._start_failure = (kind, message)
+                self._start_failure = (first[1], first[2])
                 late = not self._awaiting
             if late:
                 self._errors += 1
@@ -162,8 +198,8 @@ class ProcessWriter(BaseWriter):
                     "%s failed to start in its writer process (%s: %s); its records are dropped and "
                     "counted, training goes on",
                     self.name,
-                    kind,
-                    message,
+                    first[1],
+                    first[2],
                 )
         self._started.set()
         if first is not None and first[0] == "started":
@@ -185,28 +221,86 @@ class ProcessWriter(BaseWriter):
             )
 
     # -- sending
-    def _send(self, message: tuple[Any, ...], *, reply: bool = False) -> threading.Event | None:
+    def _enqueue(self, message: tuple[Any, ...], *, reply: bool = False) -> threading.Event | None:
+        """Queue ``message`` for the child and push what the pipe takes now; never blocks."""
         event = threading.Event() if reply else None
         with self._lock:
             if self._gone:
-                self._errors += 1
+                self.dropped += 1
                 return None
             if event is not None:
                 self._seq += 1
                 self._replies[self._seq] = event
                 message = (*message, self._seq)
-            try:
-                send_frame(self._to_child, message)
-            except (BrokenPipeError, ValueError, OSError):  # the child is gone, or the pipe closed
-                self._gone = True
-                self._errors += 1
+            data = frame(message)
+            if self._out and len(self._out) + len(data) > self._max_pending:
+                self.dropped += 1
+                if self.dropped == 1 or not self._slow:
+                    self._slow = True
+                    log.warning(
+                        "%s: its writer process is not keeping up (%d bytes waiting); new records are "
+                        "dropped and counted until it catches up",
+                        self.name,
+                        len(self._out),
+                    )
                 return None
+            self._out += data
+            self._drain()
+            if self._out:
+                self._mark_dirty()
         return event
 
-    def _wait(self, event: threading.Event | None, what: str) -> None:
+    def _drain(self) -> None:
+        """Write what waits into the pipe, as much as it takes without blocking (lock held)."""
+        while self._out and not self._gone:
+            try:
+                written = os.write(self._to_child.fileno(), self._out)
+            except BlockingIOError:
+                return
+            except (OSError, ValueError):  # the child is gone, or the pipe closed
+                self._gone = True
+                self.dropped += 1
+                self._out.clear()
+                return
+            del self._out[:written]
+
+    def _push(self, deadline: float) -> bool:
+        """Drain until everything is in the pipe, waiting for room until ``deadline``."""
+        while True:
+            with self._lock:
+                self._drain()
+                if not self._out or self._gone:
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(OSError, ValueError):
+                select.select([], [self._to_child.fileno()], [], min(left, 0.25))
+
+    def flush_if_due(self, now: float) -> None:
+        # the timed flush: push on what waits in memory; the child flushes its writer on its own timer
+        del now
+        with self._lock:
+            self._drain()
+            if not self._out:
+                self._dirty_since = None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: write after close")
+        self._enqueue(("call", method, args, kwargs))
+
+    def _request(self, message: tuple[Any, ...], what: str) -> bool:
+        """Send ``message`` and wait (``timeout`` at most) for the child to answer it."""
+        deadline = time.monotonic() + self.timeout
+        event = self._enqueue(message, reply=True)
         if event is None:
-            return
-        if not event.wait(self.timeout):
+            return False
+        done = self._push(deadline) and event.wait(max(0.0, deadline - time.monotonic()))
+        if done:
+            self._slow = False
+        elif not self._slow:
+            self._slow = True
             self._errors += 1
             log.warning(
                 "%s: its writer process did not %s within %.0f s; it goes on in the background",
@@ -214,12 +308,7 @@ class ProcessWriter(BaseWriter):
                 what,
                 self.timeout,
             )
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self._closed:
-            raise RuntimeError(f"{self.name}: write after close")
-        self._send(("call", method, args, kwargs))
-        self._mark_dirty()
+        return done
 
     # -- the writer protocol
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
@@ -249,26 +338,49 @@ class ProcessWriter(BaseWriter):
         return list(self._locations)
 
     def error_counts(self) -> dict[str, int]:
-        """The child writer's counts (as of its last reply) plus calls that never reached it."""
+        """The child writer's counts (as of its last answer), plus calls that timed out or never
+        reached it."""
         counts = dict(self._counts)
-        if self._errors:
-            counts[self.name] = counts.get(self.name, 0) + self._errors
+        own = self._errors + self.dropped
+        if own:
+            counts[self.name] = counts.get(self.name, 0) + own
         return counts
 
     def _flush(self) -> None:
-        self._wait(self._send(("flush",), reply=True), "flush")
+        before = sum(self.error_counts().values())
+        self._request(("flush",), "flush")
+        self._raise_if_strict(before)
+
+    def _raise_if_strict(self, before: int) -> None:
+        if self.strict and sum(self.error_counts().values()) > before:
+            raise RuntimeError(f"writer {self.name!r} failed in its writer process: {self.error_counts()}")
 
     def _close(self, failed: bool) -> None:
         _open_writers.discard(self)
-        self._wait(self._send(("close", failed, lifecycle.killed), reply=True), "close")
+        before = sum(self.error_counts().values())
+        self._request(("close", failed, lifecycle.killed), "close")
+        if not self._started.is_set():
+            self._errors += 1
+            log.warning(
+                "%s: its writer process never started; stopped at close, its records were not written",
+                self.name,
+            )
         if not self._started.is_set() or self._start_failure is not None:
             self._end_child()  # it never started: nothing of the run is in flight
-        with contextlib.suppress(OSError):
-            self._to_child.close()  # end of file: the child exits once it has closed the run
+        with self._lock:
+            if self._out:
+                self.dropped += 1
+                log.warning("%s: %d bytes never reached its writer process", self.name, len(self._out))
+                self._out.clear()
+            self._gone = True
+            with contextlib.suppress(OSError):
+                self._to_child.close()  # end of file: the child exits once it has closed the run
+        self._raise_if_strict(before)
 
     def _end_child(self) -> None:
         if self._proc.poll() is None:
-            self._proc.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # with what it started (W&B's service)
         self._proc.wait()
 
     def _detach(self, devnull: int) -> None:
@@ -278,7 +390,7 @@ class ProcessWriter(BaseWriter):
         self._gone = True
 
 
-def _grow_pipe(stream: IO[bytes]) -> None:
+def _grow_pipe(fd: int) -> None:
     try:
         import fcntl
     except ImportError:  # not a POSIX system: the default pipe size will do
@@ -286,4 +398,4 @@ def _grow_pipe(stream: IO[bytes]) -> None:
     setsize = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
     if setsize is not None:
         with contextlib.suppress(OSError):  # above pipe-max-size: the default 64 KiB will do
-            fcntl.fcntl(stream.fileno(), setsize, _PIPE_BYTES)
+            fcntl.fcntl(fd, setsize, _PIPE_BYTES)
