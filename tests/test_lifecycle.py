@@ -37,23 +37,27 @@ def _config(log_dir: Path, backends: list[str], **extra: object) -> dict[str, ob
 
 
 def _readback(log_dir: Path, tag: str = "train/loss") -> dict[str, object]:
-    """Steps of ``tag`` per backend, with the MLflow run status and W&B exit codes."""
+    """Steps of ``tag`` per backend found in ``log_dir``, with the MLflow run status and W&B exit codes."""
     import wandb_reader
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    client = MlflowClient(tracking_uri=f"sqlite:///{log_dir.resolve() / 'mlflow.db'}")
-    run_id = (log_dir / "mlflow_run_id").read_text(encoding="utf-8").strip()
-    return {
-        "jsonl": [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if tag in r.get("metrics", {})],
-        "tensorboard": [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else [],
-        "mlflow": sorted(m.step for m in client.get_metric_history(run_id, tag)),
-        "wandb": [r["global_step"] for r in wandb_reader.history(log_dir) if tag in r],
-        "mlflow_status": client.get_run(run_id).info.status,
-        "wandb_exit": wandb_reader.exit_codes(log_dir),
+    got: dict[str, object] = {
+        "jsonl": [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if tag in r.get("metrics", {})]
     }
+    if (log_dir / "tensorboard").exists():
+        acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        got["tensorboard"] = [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    if (log_dir / "mlflow_run_id").exists():
+        client = MlflowClient(tracking_uri=f"sqlite:///{log_dir.resolve() / 'mlflow.db'}")
+        run_id = (log_dir / "mlflow_run_id").read_text(encoding="utf-8").strip()
+        got["mlflow"] = sorted(m.step for m in client.get_metric_history(run_id, tag))
+        got["mlflow_status"] = client.get_run(run_id).info.status
+    if (log_dir / "wandb_run_id").exists():
+        got["wandb"] = [r["global_step"] for r in wandb_reader.history(log_dir) if tag in r]
+        got["wandb_exit"] = wandb_reader.exit_codes(log_dir)
+    return got
 
 
 def _wait_for_run_end(log_dir: Path, timeout: float = 60.0) -> None:
@@ -166,3 +170,105 @@ def test_a_logger_never_closed_loses_nothing_at_exit(
         assert got[backend] == list(range(100)), (backend, out.stderr[-2000:])
     assert got["mlflow_status"] == "FINISHED"
     assert got["wandb_exit"] == [0]
+
+
+def test_a_forked_child_never_touches_the_parents_runs(tmp_path: Path) -> None:
+    # background: false, MLflow in this process: the buffers and the run live in the forked memory
+    config = _config(tmp_path, ["jsonl", "mlflow"], background=False, mlflow={"process": False})
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+        from hjepa_metrics import HJEPAMetricsLogger
+
+        logger = HJEPAMetricsLogger(config={config!r})
+        for step in range(10):
+            logger.log_scalars({{"loss/total": float(step)}}, global_step=step)  # buffered, not flushed
+
+        class Logs(Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                try:
+                    logger.log_scalars({{"loss/total": -1.0}}, global_step=999)
+                except RuntimeError as exc:
+                    return str(exc)
+                return "logged from a worker"
+
+        messages = [m for batch in DataLoader(Logs(), num_workers=2, batch_size=1) for m in batch]
+        pid = os.fork()
+        if pid == 0:  # a forked child that exits normally: atexit hooks run here
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        print("status after the children:", logger.writer["mlflow"].client.get_run(
+            logger.writer["mlflow"].run_id).info.status)
+        for step in range(10, 20):
+            logger.log_scalars({{"loss/total": float(step)}}, global_step=step)
+        logger.close()
+        print("\\n".join(messages))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "status after the children: RUNNING" in out.stdout  # no child closed the parent's run
+    messages = out.stdout.strip().splitlines()[1:]
+    assert len(messages) == 4 and all("a fork of" in m and "DataLoader worker" in m for m in messages), (
+        messages
+    )
+    got = _readback(tmp_path, "train/loss/total")
+    assert got["jsonl"] == list(range(20))  # each line once: no child flushed the parent's buffer
+    assert got["mlflow"] == list(range(20)) and got["mlflow_status"] == "FINISHED"
+
+
+def _process_state() -> tuple[int, int]:
+    import threading
+
+    return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+def test_a_sweep_of_100_loggers_leaks_no_descriptor_thread_or_memory(tmp_path: Path) -> None:
+    import functools
+    import gc
+
+    from hjepa_metrics import HJEPAMetricsLogger
+    from writers import JSONLWriter, MultiWriter, build_writers
+    from writers.process import ProcessWriter
+
+    seen: dict[int, tuple[int, int, float]] = {}
+    for i in range(100):
+        base = build_writers({"log_dir": str(tmp_path / str(i)), "backends": ["jsonl", "tensorboard"]})
+        assert isinstance(base, MultiWriter)
+        writers = list(base.writers)
+        if i % 4 == 0:  # a writer process too (the machinery MLflow and W&B run in)
+            child = functools.partial(JSONLWriter, tmp_path / str(i) / "child.jsonl")
+            writers.append(ProcessWriter(child, name="child"))
+        with HJEPAMetricsLogger(writers) as logger:
+            for step in range(5):
+                logger.log_scalars({"loss/total": 1.0 / (step + 1)}, global_step=step)
+        gc.collect()
+        if i in (21, 99):
+            seen[i] = (*_process_state(), _rss_mb())
+    (fds_20, threads_20, rss_20), (fds_99, threads_99, rss_99) = seen[21], seen[99]
+    assert fds_99 == fds_20 and threads_99 == threads_20
+    assert rss_99 - rss_20 < 20, f"resident memory grew {rss_99 - rss_20:.1f} MB over 80 loggers"
+    assert len(read_jsonl(tmp_path / "96" / "child.jsonl")) == 5 + 1  # the layout record, then the scalars
+
+
+def test_mlflow_in_this_process_releases_its_store_at_close(tmp_path: Path) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from writers.mlflow import MLflowWriter
+
+    state = []
+    for i in range(6):
+        with MLflowWriter(logdir=tmp_path / str(i)) as writer:
+            writer.log_scalars({"a": 1.0}, 1)
+        state.append((*_process_state(), len(getattr(SqlAlchemyStore, "_engine_map", {}))))
+    assert state[-1] == state[2], state  # no descriptor, thread or cached engine left per closed run

@@ -211,6 +211,8 @@ class ProcessWriter(BaseWriter):
                     event.set()
         with self._lock:
             self._gone = True
+        with contextlib.suppress(OSError):
+            self._from_child.close()
         for event in list(self._replies.values()):
             event.set()
         if self._start_failure is None and not self._closed:
@@ -357,6 +359,7 @@ class ProcessWriter(BaseWriter):
 
     def _close(self, failed: bool) -> None:
         _open_writers.discard(self)
+        deadline = time.monotonic() + self.timeout
         before = sum(self.error_counts().values())
         self._request(("close", failed, lifecycle.killed), "close")
         if not self._started.is_set():
@@ -375,6 +378,10 @@ class ProcessWriter(BaseWriter):
             self._gone = True
             with contextlib.suppress(OSError):
                 self._to_child.close()  # end of file: the child exits once it has closed the run
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # reaped now when it is done; a busy one finishes on its own
+            self._proc.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+        self._reader.join(timeout=0.1)
         self._raise_if_strict(before)
 
     def _end_child(self) -> None:
