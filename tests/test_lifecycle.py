@@ -246,7 +246,7 @@ def test_a_sweep_of_100_loggers_leaks_no_descriptor_thread_or_memory(tmp_path: P
         base = build_writers({"log_dir": str(tmp_path / str(i)), "backends": ["jsonl", "tensorboard"]})
         assert isinstance(base, MultiWriter)
         writers = list(base.writers)
-        if i % 4 == 0:  # a writer process too (the machinery MLflow and W&B run in)
+        if i % 10 == 0:  # a writer process too (the machinery MLflow and W&B run in)
             child = functools.partial(JSONLWriter, tmp_path / str(i) / "child.jsonl")
             writers.append(ProcessWriter(child, name="child"))
         with HJEPAMetricsLogger(writers) as logger:
@@ -258,7 +258,7 @@ def test_a_sweep_of_100_loggers_leaks_no_descriptor_thread_or_memory(tmp_path: P
     (fds_20, threads_20, rss_20), (fds_99, threads_99, rss_99) = seen[21], seen[99]
     assert fds_99 == fds_20 and threads_99 == threads_20
     assert rss_99 - rss_20 < 20, f"resident memory grew {rss_99 - rss_20:.1f} MB over 80 loggers"
-    assert len(read_jsonl(tmp_path / "96" / "child.jsonl")) == 5 + 1  # the layout record, then the scalars
+    assert len(read_jsonl(tmp_path / "90" / "child.jsonl")) == 5 + 1  # the layout record, then the scalars
 
 
 def test_mlflow_in_this_process_releases_its_store_at_close(tmp_path: Path) -> None:
@@ -267,8 +267,8 @@ def test_mlflow_in_this_process_releases_its_store_at_close(tmp_path: Path) -> N
     from writers.mlflow import MLflowWriter
 
     state = []
-    for i in range(6):
+    for i in range(4):
         with MLflowWriter(logdir=tmp_path / str(i)) as writer:
             writer.log_scalars({"a": 1.0}, 1)
         state.append((*_process_state(), len(getattr(SqlAlchemyStore, "_engine_map", {}))))
-    assert state[-1] == state[2], state  # no descriptor, thread or cached engine left per closed run
+    assert state[-1] == state[1], state  # no descriptor, thread or cached engine left per closed run

@@ -296,8 +296,9 @@ BACKEND = Backend(
     extra="mlflow",
     requires="mlflow",
     options=dict.fromkeys(("tracking_uri", "experiment_name", "run_name", "run_id", "tags", "log_dir")),
-    writes="`log_batch` (≤ 1000 metrics) across steps; keys sanitized with collisions detected; images and "
-    "histograms as artifacts; run FAILED when the process dies of an exception",
+    writes="`log_batch` (≤ 1000 metrics) across steps from a writer process of its own; keys sanitized with "
+    "collisions detected; images and histograms as artifacts; batches kept and resent while the server is "
+    "down; run KILLED or FAILED when training is killed or dies of an exception",
     writer=MLflowWriter,
     process=True,
 )

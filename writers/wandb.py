@@ -235,9 +235,9 @@ BACKEND = Backend(
     requires="wandb",
     options=dict.fromkeys(("project", "entity", "tags", "mode", "name", "dir", "run_id", "resume")),
     writes="one row per step against a `global_step` axis, so a lower step is kept (and warned about) "
-    "instead of dropped; run summaries from the registry (min of losses and of low-is-bad collapse tags); "
-    "media as `wandb.Histogram`/`wandb.Image`; the layout as `custom_scalars_layout.json` in the run "
-    "files; exit code 1 on failure",
+    "instead of dropped, from a writer process of its own; run summaries from the registry (min of losses "
+    "and of low-is-bad collapse tags); media as `wandb.Histogram`/`wandb.Image`; the layout as "
+    "`custom_scalars_layout.json` in the run files; exit code 143 when training is killed, 1 on failure",
     writer=WandbWriter,
     process=True,
 )
