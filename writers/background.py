@@ -51,7 +51,9 @@ class BackgroundWriter(BaseWriter):
         when_full: WhenFull = "block",
         strict: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        all_ranks: bool = False,
     ) -> None:
+        del all_ranks  # read by BaseWriter.__new__: on other ranks no thread is started
         if when_full not in ("block", "drop"):
             raise ValueError(f"when_full: got {when_full!r}; expected 'block' or 'drop'")
         if max_queue < 1:

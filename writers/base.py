@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from .lifecycle import DEFAULT_FLUSH_INTERVAL, due, lifecycle
+from .ranks import process_rank
 
 log = logging.getLogger("writers")
 
@@ -162,10 +164,20 @@ class BaseWriter:
     sets ``timed_flush = True``, calls :meth:`_mark_dirty` when it holds unwritten records and
     overrides :meth:`_flush`: records are then written at most ``flush_interval`` seconds after they
     arrive, however quiet the loop is. In a forked child, logging raises and flush/close do nothing.
+
+    Rank 0 writes: on any other rank of a distributed job, constructing a writer gives a
+    :class:`NullWriter` (no file, no run, no thread), unless it is asked for with ``all_ranks=True``
+    (every writer accepts it; the built-in ones then give each rank its own file or run).
     """
 
     name = "writer"
     timed_flush = False
+
+    def __new__(cls, *args: Any, all_ranks: bool = False, **kwargs: Any) -> Any:
+        del args, kwargs
+        if not all_ranks and cls is not NullWriter and process_rank() != 0:
+            return NullWriter(cls.name)
+        return super().__new__(cls)
 
     def __init__(self) -> None:
         self._closed = False
@@ -179,6 +191,9 @@ class BaseWriter:
         for method in _LOGGING_METHODS:
             if method in cls.__dict__:
                 setattr(cls, method, _refused_in_fork(cls.__dict__[method]))
+        init = cls.__dict__.get("__init__")
+        if init is not None and "all_ranks" not in inspect.signature(init).parameters:
+            cls.__init__ = _accepting_all_ranks(init)  # type: ignore[method-assign]
 
     @property
     def closed(self) -> bool:
@@ -256,6 +271,30 @@ class BaseWriter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _accepting_all_ranks(init: Callable[..., None]) -> Callable[..., None]:
+    # `all_ranks` is read by __new__; a writer whose __init__ does not name it need not know of it
+    @functools.wraps(init)
+    def accepting(self: BaseWriter, *args: Any, all_ranks: bool = False, **kwargs: Any) -> None:
+        del all_ranks
+        init(self, *args, **kwargs)
+
+    return accepting
+
+
+class NullWriter(BaseWriter):
+    """Writes nothing, opens nothing: what a writer is on a rank other than 0."""
+
+    def __init__(self, name: str = "null") -> None:
+        self.name = name
+        self._closed = False
+        self._pid = lifecycle.pid
+        self.flush_interval = DEFAULT_FLUSH_INTERVAL
+        self._dirty_since = None
+
+    def close(self, failed: bool | None = None) -> None:
+        self._closed = True
 
 
 class ResumeGate:

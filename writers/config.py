@@ -28,10 +28,11 @@ from typing import Any
 
 from .backends import available_backends
 from .background import BackgroundWriter
-from .base import Writer, as_list, missing_extra
+from .base import NullWriter, Writer, as_list, missing_extra
 from .lifecycle import DEFAULT_FLUSH_INTERVAL, DEFAULT_TIMEOUT
 from .multi import MultiWriter
 from .process import ProcessWriter
+from .ranks import process_rank
 
 log = logging.getLogger("writers.config")
 
@@ -50,6 +51,7 @@ TOP_KEYS = frozenset(
         "resume",
         "flush_interval",
         "timeout",
+        "all_ranks",
     }
 )
 
@@ -170,6 +172,8 @@ def build_writers(
     most that much; ``timeout`` (s, default 10) bounds how long a slow, hung or unreachable backend may
     hold up construction, a call, ``flush()`` or ``close()`` (a backend still starting after it goes
     on starting in the background; its records are queued meanwhile).
+    In a distributed job only rank 0 opens anything (other ranks get a :class:`NullWriter`, after the
+    config is checked); ``all_ranks: true`` makes every rank write, each to its own file or run.
     """
     cfg = load_config(config)
     names = selected_backends(cfg)
@@ -177,12 +181,14 @@ def build_writers(
         log.warning("config: every backend is disabled; nothing will be written")
     experiment = str(cfg.get("experiment_name") or "hjepa")
     timeout = _seconds(cfg, "timeout", DEFAULT_TIMEOUT)
+    all_ranks = _truthy(cfg.get("all_ranks", False))
     common = {
         "experiment_name": experiment,
         "log_dir": str(cfg.get("log_dir") or Path("runs") / experiment),
         "resume": _truthy(cfg.get("resume", False)),
         "flush_interval": _seconds(cfg, "flush_interval", DEFAULT_FLUSH_INTERVAL),
         "timeout": timeout,
+        "all_ranks": all_ranks,
     }
     known = available_backends()
     strict_mode = _truthy(cfg.get("strict", False)) if strict is None else strict
@@ -190,6 +196,8 @@ def build_writers(
     max_queue = int(cfg.get("max_queue", 10_000))
     when_full = cfg.get("when_full", "block")
     sections = {name: known[name].checked_section(cfg.get(name)) for name in names}
+    if process_rank() != 0 and not all_ranks:
+        return NullWriter("multi")  # the config is checked on every rank; only rank 0 opens anything
     writers: list[Writer] = []
     failed: list[str] = []
     try:
@@ -200,7 +208,11 @@ def build_writers(
             try:
                 if _truthy(section.get("process", backend.process)) and _picklable(make, name):
                     # its own process: calls never block, and it starts in the background already
-                    writers.append(ProcessWriter(make, name=name, timeout=timeout, strict=strict_mode))
+                    writers.append(
+                        ProcessWriter(
+                            make, name=name, timeout=timeout, strict=strict_mode, all_ranks=all_ranks
+                        )
+                    )
                 elif background:
                     # built on its own thread: a server that is slow to answer delays training by at
                     # most `timeout`, then the writer goes on starting in the background
@@ -212,6 +224,7 @@ def build_writers(
                             when_full=when_full,
                             strict=strict_mode,
                             timeout=timeout,
+                            all_ranks=all_ranks,
                         )
                     )
                 else:
@@ -237,6 +250,6 @@ def build_writers(
         raise
     if len(writers) == 1 and not strict_mode and not failed:
         return writers[0]
-    multi = MultiWriter(writers, strict=strict_mode)
+    multi = MultiWriter(writers, strict=strict_mode, all_ranks=all_ranks)
     multi.failed_to_start.extend(failed)
     return multi

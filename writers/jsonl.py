@@ -14,6 +14,7 @@ from typing import Any
 from ._files import WRITE_BYTES, AppendFile
 from ._media import histogram, image_png, png_size, safe_filename
 from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
+from .ranks import rank_suffix
 from .records import DEFAULT_FILENAME
 
 log = logging.getLogger("writers.jsonl")
@@ -72,11 +73,18 @@ class JSONLWriter(BaseWriter):
     timed_flush = True
 
     def __init__(
-        self, path: str | os.PathLike[str], *, buffer_bytes: int = WRITE_BYTES, resume: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        buffer_bytes: int = WRITE_BYTES,
+        resume: bool = False,
+        all_ranks: bool = False,
     ) -> None:
         p = Path(path)
         if p.suffix not in (".jsonl", ".json", ".ndjson"):
             p = p / DEFAULT_FILENAME
+        if suffix := rank_suffix(all_ranks):  # every rank writes: metrics.rank1.jsonl
+            p = p.with_name(f"{p.stem}.{suffix}{p.suffix}")
         self.path = p
         self._dumps = _dumps_factory()
         _cut_torn_tail(p)
@@ -225,7 +233,9 @@ def _cut_torn_tail(path: Path) -> None:
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> JSONLWriter:
     writer = JSONLWriter(
-        section.get("path") or Path(common["log_dir"]) / "metrics.jsonl", resume=common["resume"]
+        section.get("path") or Path(common["log_dir"]) / "metrics.jsonl",
+        resume=common["resume"],
+        all_ranks=common.get("all_ranks", False),
     )
     writer.flush_interval = common["flush_interval"]
     return writer

@@ -29,6 +29,7 @@ from .base import (
     redact,
 )
 from .lifecycle import DEFAULT_TIMEOUT, lifecycle
+from .ranks import rank_suffix
 
 log = logging.getLogger("writers.mlflow")
 
@@ -128,6 +129,7 @@ class MLflowWriter(BaseWriter):
         max_pending: int = MAX_PENDING_METRICS,
         request_timeout: float = DEFAULT_TIMEOUT,
         resume: bool = False,
+        all_ranks: bool = False,
     ) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(request_timeout))))
@@ -139,6 +141,9 @@ class MLflowWriter(BaseWriter):
             raise missing_extra("MLflow", "mlflow") from exc
         self._Metric, self._Param = Metric, Param
         root = Path(logdir).resolve()
+        if suffix := rank_suffix(all_ranks):  # every rank writes: its own run, store and run-id file
+            root = root / suffix
+            run_name = f"{run_name or experiment_name}-{suffix}"
         root.mkdir(parents=True, exist_ok=True)
         artifact_location = None
         if tracking_uri is None:
@@ -285,6 +290,7 @@ def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> MLflowWrite
         tags=dict(tags) if isinstance(tags, Mapping) else dict.fromkeys(as_list(tags) or [], ""),
         request_timeout=common["timeout"],
         resume=common["resume"],
+        all_ranks=common.get("all_ranks", False),
     )
     writer.flush_interval = common["flush_interval"]
     return writer

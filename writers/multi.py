@@ -21,7 +21,8 @@ class MultiWriter(BaseWriter):
 
     name = "multi"
 
-    def __init__(self, writers: Iterable[Writer], *, strict: bool = False) -> None:
+    def __init__(self, writers: Iterable[Writer], *, strict: bool = False, all_ranks: bool = False) -> None:
+        del all_ranks  # read by BaseWriter.__new__
         self.writers: list[Writer] = list(writers)
         names = [w.name for w in self.writers]
         dupes = sorted(n for n, c in Counter(names).items() if c > 1)

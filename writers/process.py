@@ -118,7 +118,9 @@ class ProcessWriter(BaseWriter):
         timeout: float = DEFAULT_TIMEOUT,
         max_pending: int = MAX_PENDING_BYTES,
         strict: bool = False,
+        all_ranks: bool = False,
     ) -> None:
+        del all_ranks  # read by BaseWriter.__new__: on other ranks no process is started
         self.name = name
         self.timeout = timeout
         self.strict = strict

@@ -28,6 +28,7 @@ from .base import (
     redact,
 )
 from .lifecycle import DEFAULT_FLUSH_INTERVAL
+from .ranks import rank_suffix
 
 log = logging.getLogger("writers.tensorboard")
 
@@ -224,9 +225,12 @@ class TensorBoardWriter(BaseWriter):
         *,
         flush_secs: float = DEFAULT_FLUSH_INTERVAL,
         resume: bool = False,
+        all_ranks: bool = False,
     ) -> None:
         self._p = _protos()
         self.logdir = Path(logdir)
+        if suffix := rank_suffix(all_ranks):  # every rank writes: one TensorBoard run per rank
+            self.logdir = self.logdir / suffix
         self.gate = ResumeGate(self.name, last_step(self.logdir) if resume else None)
         self._file = EventFile(self.name, self.logdir, self._p.event_pb2)
         super().__init__()
@@ -347,7 +351,9 @@ class TensorBoardWriter(BaseWriter):
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> TensorBoardWriter:
     logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
     flush_secs = float(section.get("flush_secs") or common["flush_interval"])
-    return TensorBoardWriter(logdir, flush_secs=flush_secs, resume=common["resume"])
+    return TensorBoardWriter(
+        logdir, flush_secs=flush_secs, resume=common["resume"], all_ranks=common.get("all_ranks", False)
+    )
 
 
 BACKEND = Backend(

@@ -25,6 +25,7 @@ from .base import (
     redact,
 )
 from .lifecycle import lifecycle
+from .ranks import rank_suffix
 
 log = logging.getLogger("writers.wandb")
 
@@ -65,6 +66,7 @@ class WandbWriter(BaseWriter):
         resume: str | bool | None = None,
         summaries: Mapping[str, str] | None = None,
         resume_run: bool = False,
+        all_ranks: bool = False,
         **init_kwargs: Any,
     ) -> None:
         try:
@@ -74,6 +76,10 @@ class WandbWriter(BaseWriter):
         wandb: Any = wandb_module  # wandb's Literal-typed arguments are checked by wandb at run time
         self._wandb = wandb
         self.state_dir = Path(dir if dir is not None else ".")
+        if suffix := rank_suffix(all_ranks):  # every rank writes: its own run, grouped by project
+            self.state_dir = self.state_dir / suffix
+            name = f"{name or project or 'run'}-{suffix}"
+            init_kwargs.setdefault("group", project)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.state_dir / RUN_ID_FILE
         last_step: int | None = None
@@ -91,7 +97,7 @@ class WandbWriter(BaseWriter):
             tags=list(tags) if tags else None,
             config=redact(dict(config)) if config else None,
             mode=mode,
-            dir=None if dir is None else str(dir),
+            dir=None if dir is None else str(self.state_dir),
             id=run_id,
             resume=resume,
             **init_kwargs,
@@ -223,6 +229,7 @@ def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> WandbWriter
         run_id=section.get("run_id"),
         resume=section.get("resume"),
         resume_run=common["resume"],
+        all_ranks=common.get("all_ranks", False),
     )
     writer.flush_interval = common["flush_interval"]
     return writer
