@@ -9,9 +9,19 @@ into one all-reduce. Each group's pure function is its accumulator updated once 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+
+
+def slots(value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """``[world, *value.shape]`` zeros with ``value`` in row ``rank``: a SUM over ranks then holds
+    every rank's value, for a min, a max or a concatenation."""
+    out = torch.zeros((world, *value.shape), dtype=value.dtype, device=value.device)
+    out[rank] = value
+    return out
+
 
 RawValues = dict[str, torch.Tensor | float]
 
@@ -41,3 +51,56 @@ class RankLocal:
 
     def load_sync(self, parts: list[torch.Tensor]) -> None:
         del parts
+
+
+Reduction = Literal["mean", "sum", "max"]
+
+
+class RankReduce:
+    """Scalars combined over ranks in the call's one all-reduce: each value with its own reduction
+    (``mean`` by default, ``sum`` for counts such as a batch size, ``max`` for a peak), or kept as
+    this rank's own with ``local=True`` (then there is nothing to share).
+
+    ``compute()`` returns the combined values under the keys they came with.
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, torch.Tensor | float],
+        *,
+        reductions: Mapping[str, Reduction] | None = None,
+        local: bool = False,
+    ) -> None:
+        self.values: RawValues = dict(values)
+        self.reductions = {k: (reductions or {}).get(k, "mean") for k in self.values}
+        self.local = local
+
+    def update(self, values: Mapping[str, torch.Tensor | float]) -> None:
+        self.values.update(values)
+
+    def compute(self) -> RawValues:
+        return dict(self.values)
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        if self.local or not self.values:
+            return []
+        keys = list(self.values)
+        packed = torch.stack(
+            [torch.as_tensor(self.values[k], dtype=torch.float64, device=device).reshape(()) for k in keys]
+        )
+        scale = [1.0 / world if self.reductions[k] == "mean" else 1.0 for k in keys]
+        parts = [packed * torch.tensor(scale, dtype=torch.float64, device=device)]
+        peaks = [i for i, k in enumerate(keys) if self.reductions[k] == "max"]
+        if peaks:  # a max travels in per-rank slots of the same SUM
+            parts.append(slots(packed[peaks], rank, world))
+        return parts
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        keys = list(self.values)
+        summed = parts[0]
+        peaks = [i for i, k in enumerate(keys) if self.reductions[k] == "max"]
+        combined = {k: summed[i] for i, k in enumerate(keys)}
+        if peaks:
+            highest = parts[1].max(dim=0).values
+            combined.update({keys[i]: highest[j] for j, i in enumerate(peaks)})
+        self.values = dict(combined)

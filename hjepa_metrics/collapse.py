@@ -13,8 +13,7 @@ import math
 import torch
 
 from ._tensor import ArrayLike, accumulate_dtype, as_features, host_list, to_host
-from .accumulator import RawValues
-from .distributed import slots
+from .accumulator import RawValues, slots
 
 EPS = 1e-8
 # Keeps each float64 chunk near 8 MB, whatever D is.

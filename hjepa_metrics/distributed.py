@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +31,62 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+log = logging.getLogger("hjepa_metrics.distributed")
+
+# How long a rank may wait in a logging collective before it says why it might be stuck.
+COLLECTIVE_WARNING_SECONDS = 60.0
+
+
+class _Watchdog:
+    """One thread per process that warns when a logging collective waits too long: the usual cause
+    is a logging call made on some ranks only (under ``if rank == 0:``), which would hang silently."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: tuple[float, float, str] | None = None  # (since, warn after, what)
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def waiting(self, what: str, warn_after: float) -> Iterator[None]:
+        with self._lock:
+            self._waiting = (time.monotonic(), warn_after, what)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._watch, name="hjepa-collective-watch", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting = None
+
+    def _watch(self) -> None:
+        warned: tuple[float, float, str] | None = None
+        while True:
+            time.sleep(0.5)
+            with self._lock:
+                current = self._waiting
+            if current is None or current is warned:
+                continue
+            since, warn_after, what = current
+            if time.monotonic() - since >= warn_after:
+                warned = current
+                rank, world = rank_and_world()
+                log.warning(
+                    "rank %d has waited %.0f s for the other %d rank(s) in a logging call (%s): every "
+                    "rank must make the same logging calls in the same order (only rank 0 writes); a "
+                    "call made on some ranks only, such as under `if rank == 0:`, waits here forever",
+                    rank,
+                    warn_after,
+                    world - 1,
+                    what,
+                )
+
+
+watchdog = _Watchdog()
+
+
 def all_reduce_sum(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sum every tensor of ``parts`` over all ranks with ONE ``all_reduce`` of their float64 concatenation.
 
@@ -38,6 +98,10 @@ def all_reduce_sum(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     device = collective_device()
     flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
     dist.all_reduce(flat)
+    if flat.is_cuda:
+        # NCCL only enqueues: wait here (the caller's host read would wait for the same work), so a
+        # collective that never completes is seen by the watchdog
+        torch.cuda.current_stream(flat.device).synchronize()
     out = []
     offset = 0
     for p in parts:
@@ -47,18 +111,17 @@ def all_reduce_sum(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def slots(value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """``[world, *value.shape]`` zeros with ``value`` in row ``rank``."""
-    out = torch.zeros((world, *value.shape), dtype=value.dtype, device=value.device)
-    out[rank] = value
-    return out
-
-
-def reduce_accumulators(accumulators: Sequence[Accumulator], world: tuple[int, int] | None = None) -> None:
+def reduce_accumulators(
+    accumulators: Sequence[Accumulator],
+    world: tuple[int, int] | None = None,
+    *,
+    warn_after: float = COLLECTIVE_WARNING_SECONDS,
+) -> None:
     """Make every accumulator hold the state of all ranks, with ONE packed all-reduce in total.
 
     ``world`` is ``(rank, world_size)`` (default: the process group's). A no-op alone, or when no
-    accumulator has state to share. Every rank must call it with the same kinds of accumulators.
+    accumulator has state to share. Every rank must call it with the same kinds of accumulators; a
+    rank that waits ``warn_after`` seconds for the others says so (a call made on rank 0 only).
     """
     rank, size = rank_and_world() if world is None else world
     if size == 1:
@@ -68,6 +131,8 @@ def reduce_accumulators(accumulators: Sequence[Accumulator], world: tuple[int, i
     flat = [part for group in groups for part in group]
     if not flat:
         return
-    summed = iter(all_reduce_sum(flat))
+    what = ", ".join(dict.fromkeys(type(acc).__name__ for acc in accumulators))
+    with watchdog.waiting(what, warn_after):
+        summed = iter(all_reduce_sum(flat))
     for acc, group in zip(accumulators, groups, strict=True):
         acc.load_sync([next(summed) for _ in group])

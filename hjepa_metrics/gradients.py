@@ -6,57 +6,133 @@ import math
 
 import torch
 
-from ._params import NamedTensors, foreach_norms, named_tensors
+from ._params import (
+    NamedTensors,
+    local_part,
+    module_of,
+    named_tensors,
+    network_names,
+    refuse_fsdp1,
+    shard_norms,
+)
 from ._tensor import Scalar, accumulate_dtype, scalar_tensor, to_host
-from .accumulator import RankLocal, RawValues
+from .accumulator import RankLocal, RawValues, slots
+
+
+class GradientFlowAccumulator:
+    """Gradient statistics of a model: the global L2 norm, ``|g|`` mean and max per module (and per
+    tensor with ``per_parameter``), from each rank's local gradients.
+
+    Plain gradients (one process, or DDP, where every rank holds the same synchronized gradients)
+    and DTensor gradients (FSDP2's ``fully_shard``, tensor parallelism) are both exact: a rank
+    contributes the sums of its local shard, divided by how many ranks hold a copy of it (the
+    mesh dims with a ``Replicate`` placement; every rank for a plain tensor), so the one summed
+    all-reduce of the call gives the statistics of the full gradients, without gathering them.
+    Modules are the first ``module_depth`` components of :func:`network_names` (wrappers and the
+    prefix every parameter shares are dropped). FSDP1's flat parameters are refused with a clear
+    error.
+    """
+
+    def __init__(self, *, per_parameter: bool = False, module_depth: int = 1) -> None:
+        if module_depth < 1:
+            raise ValueError(f"module_depth: got {module_depth}; expected >= 1")
+        self.per_parameter = per_parameter
+        self.module_depth = module_depth
+        self.names: list[str] = []
+        self.modules: list[str] = []
+        self._module_index: list[int] = []
+        self._numels: torch.Tensor | None = None  # global element counts, the same on every rank
+        self._sums: torch.Tensor | None = None  # [l1 per tensor (T), l2² per tensor (T), non-finite (T)]
+        self._max: torch.Tensor | None = None  # [T] max |g| of the local parts
+        self._weights: torch.Tensor | None = None  # [T] share of each local part in a sum over ranks
+
+    def update(self, model: NamedTensors) -> None:
+        named = named_tensors(model, "model")
+        all_names = [n for n, _ in named]
+        refuse_fsdp1(model, all_names)
+        clean = network_names(all_names)
+        kept = [(c, p.grad) for c, (_, p) in zip(clean, named, strict=True) if p.grad is not None]
+        kept = [(c, g) for c, g in kept if g.numel()]
+        if not kept:
+            return
+        if self.names and [c for c, _ in kept] != self.names:
+            raise ValueError("model: got other parameters with gradients than in the earlier update")
+        parts = [local_part(g.detach()) for _, g in kept]
+        locals_ = [p.tensor for p in parts]
+        device = locals_[0].device
+        acc = accumulate_dtype(device)
+        l1, l2, linf = shard_norms(locals_, (1.0, 2.0, math.inf))
+        sums = torch.cat([l1.to(acc), l2.to(acc).square(), (~torch.isfinite(l2)).to(acc)])
+        if self._sums is None or self._max is None:
+            self.names = [c for c, _ in kept]
+            self.modules = list(dict.fromkeys(module_of(c, self.module_depth) for c in self.names))
+            index = {m: i for i, m in enumerate(self.modules)}
+            self._module_index = [index[module_of(c, self.module_depth)] for c in self.names]
+            self._numels = torch.tensor([p.numel for p in parts], dtype=acc, device=device)
+            self._weights = torch.tensor([p.weight for p in parts], dtype=acc, device=device)
+            self._sums, self._max = sums, linf.to(acc)
+        else:
+            self._sums = self._sums + sums.to(self._sums.device)
+            self._max = torch.maximum(self._max, linf.to(self._max))
+
+    def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
+        if self._sums is None or self._max is None or self._weights is None:
+            return []
+        share = torch.where(self._weights > 0, self._weights, 1.0 / world).to(device)
+        sums = self._sums.to(device) * torch.cat([share, share, torch.ones_like(share)])
+        return [sums, slots(self._max.to(device), rank, world)]
+
+    def load_sync(self, parts: list[torch.Tensor]) -> None:
+        if parts:
+            self._sums, self._max = parts[0], parts[1].max(dim=0).values
+
+    def compute(self) -> RawValues:
+        if self._sums is None or self._max is None or self._numels is None:
+            return {}
+        t = len(self.names)
+        l1, l2sq, bad = self._sums[:t], self._sums[t : 2 * t], self._sums[2 * t :]
+        device = l1.device
+        index = torch.tensor(self._module_index, device=device)
+        m = len(self.modules)
+        module_l1 = torch.zeros(m, dtype=l1.dtype, device=device).index_add_(0, index, l1)
+        module_n = torch.zeros(m, dtype=l1.dtype, device=device).index_add_(0, index, self._numels.to(device))
+        module_max = torch.zeros(m, dtype=l1.dtype, device=device).scatter_reduce_(
+            0, index, self._max.to(device), reduce="amax", include_self=False
+        )
+        raw: RawValues = {
+            "gradient_flow/global_norm": l2sq.sum().sqrt(),
+            "health/gradient_nonfinite_tensors": (bad > 0).sum(),
+        }
+        means = module_l1 / module_n.clamp_min(1)
+        for i, module in enumerate(self.modules):
+            raw[f"gradient_flow/{module}_mean"] = means[i]
+            raw[f"gradient_flow/{module}_max"] = module_max[i]
+        if self.per_parameter:
+            tensor_means = l1 / self._numels.to(device).clamp_min(1)
+            for j, name in enumerate(self.names):
+                raw[f"gradients/{name}_mean"] = tensor_means[j]
+                raw[f"gradients/{name}_max"] = self._max[j]
+        return raw
 
 
 def gradient_flow(
     model: NamedTensors,
     *,
     per_parameter: bool = False,
+    module_depth: int = 1,
 ) -> dict[str, float]:
-    """Global L2 gradient norm and ``|g|`` mean/max per top-level module (and per tensor if asked).
+    """Global L2 gradient norm and ``|g|`` mean/max per module (and per tensor if asked).
 
     ``model`` is an ``nn.Module``, ``named_parameters()`` or a mapping name → parameter; tensors
     without ``.grad`` are skipped. ``global_norm = sqrt(Σ_t ‖g_t‖²)`` is what ``clip_grad_norm_``
-    returns. Module names are the first component of the parameter name after DDP's ``module.`` and
-    compile's ``_orig_mod.`` prefixes. Foreach kernels, one host transfer.
+    returns. Modules are the first ``module_depth`` components of the parameter names once wrapper
+    components (DDP's leading ``module.``, compile's ``_orig_mod.`` anywhere, FSDP1/checkpoint
+    wrappers) and the prefix all names share (a net held as ``self.model``) are dropped. DTensor
+    gradients (FSDP2) are supported; see :class:`GradientFlowAccumulator`. One host transfer.
     """
-    # empty gradients add nothing to any statistic (and have no max)
-    named = [(n, p.grad) for n, p in named_tensors(model, "model") if p.grad is not None and p.grad.numel()]
-    if not named:
-        return {}
-    grads = [g.detach() for _, g in named]
-    l1 = foreach_norms(grads, 1.0)
-    l2 = foreach_norms(grads, 2.0)
-    linf = foreach_norms(grads, math.inf)
-    device = l1.device
-    acc = accumulate_dtype(device)
-    numels = torch.tensor([g.numel() for g in grads], dtype=acc, device=device)
-
-    modules: dict[str, int] = {}
-    module_of = [modules.setdefault(n.split(".", 1)[0], len(modules)) for n, _ in named]
-    index = torch.tensor(module_of, device=device)
-    sums = torch.zeros(len(modules), dtype=acc, device=device).index_add_(0, index, l1.to(acc))
-    counts = torch.zeros(len(modules), dtype=acc, device=device).index_add_(0, index, numels)
-    maxes = torch.zeros(len(modules), dtype=torch.float32, device=device).scatter_reduce_(
-        0, index, linf, reduce="amax", include_self=False
-    )
-    raw: dict[str, torch.Tensor | float] = {
-        "gradient_flow/global_norm": l2.to(acc).square().sum().sqrt(),
-        "health/gradient_nonfinite_tensors": (~torch.isfinite(l2)).sum(),
-    }
-    means = sums / counts.clamp_min(1)
-    for module, i in modules.items():
-        raw[f"gradient_flow/{module}_mean"] = means[i]
-        raw[f"gradient_flow/{module}_max"] = maxes[i]
-    if per_parameter:
-        tensor_means = l1.to(acc) / numels.clamp_min(1)
-        for j, (name, _) in enumerate(named):
-            raw[f"gradients/{name}_mean"] = tensor_means[j]
-            raw[f"gradients/{name}_max"] = linf[j]
-    return to_host(raw)
+    state = GradientFlowAccumulator(per_parameter=per_parameter, module_depth=module_depth)
+    state.update(model)
+    return to_host(state.compute())
 
 
 class ClippingAccumulator(RankLocal):

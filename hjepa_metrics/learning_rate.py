@@ -16,6 +16,16 @@ def learning_rate(optimizer: Any) -> dict[str, float]:
     ``optimizer`` is anything with ``param_groups`` (a torch optimizer, a wrapped one) or the
     list of param-group dicts itself. Tensor learning rates are read with one host transfer.
     """
+    return with_base_lr(to_host(group_learning_rates(optimizer)))
+
+
+def with_base_lr(rates: Mapping[str, float]) -> dict[str, float]:
+    """The group rates with ``learning_rate/base_lr`` (group 0's) first."""
+    return {"learning_rate/base_lr": rates["learning_rate/param_group_0"], **rates}
+
+
+def group_learning_rates(optimizer: Any) -> dict[str, torch.Tensor | float]:
+    """``learning_rate/param_group_{i}`` → the group's rate (a float or a 0-d tensor), checked."""
     groups = getattr(optimizer, "param_groups", optimizer)
     if not isinstance(groups, Sequence) or not groups or not all(isinstance(g, Mapping) for g in groups):
         raise TypeError(
@@ -29,5 +39,4 @@ def learning_rate(optimizer: Any) -> dict[str, float]:
         raw[f"learning_rate/param_group_{i}"] = scalar_tensor(
             group["lr"], f"optimizer.param_groups[{i}]['lr']"
         )
-    out = to_host(raw)
-    return {"learning_rate/base_lr": out["learning_rate/param_group_0"], **out}
+    return raw

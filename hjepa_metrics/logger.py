@@ -9,31 +9,34 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from writers import Writer, writer_from
 
 from ._params import NamedTensors
-from ._tensor import ArrayLike, Scalar, level_list
+from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor
+from .accumulator import RankReduce, Reduction
 from .alerts import Alert, AlertMonitor
 from .collapse import CollapseAccumulator
-from .ema import ema_dynamics
-from .gradients import ClippingAccumulator, gradient_flow
-from .hierarchy import hierarchy_feature_stats
+from .ema import EMAAccumulator
+from .gradients import ClippingAccumulator, GradientFlowAccumulator
+from .hierarchy import HierarchyAccumulator
 from .layout import guide_layout
-from .learning_rate import learning_rate
-from .losses import checked_weights, hierarchical_losses
+from .learning_rate import group_learning_rates, with_base_lr
+from .losses import checked_weights, hierarchical_losses, loss_inputs
 from .masking import MaskingAccumulator
-from .performance import performance_metrics
-from .prediction import PredictionAccumulator
+from .performance import cuda_memory_metrics, timing_metrics
+from .prediction import PredictionAccumulator, checked_level_pairs
 from .registry import summary_kinds
 from .router import MetricRouter
 from .stability import Losses, LossHistory
 
 if TYPE_CHECKING:
     from .validation import ValidationAccumulator
+
+RankReduction = Literal["mean", "local"]
 
 
 class HJEPAMetricsLogger(MetricRouter):
@@ -48,9 +51,16 @@ class HJEPAMetricsLogger(MetricRouter):
     (default ``"train/"``; ``"val/"`` for validation) and returns the dict it wrote, tags prefixed.
     The custom-scalars layout is written once at construction; alerts from the guide's thresholds
     are reported through ``logging`` once per crossing, rate-limited per tag, and the last ones kept
-    in :attr:`alerts` (``alerts=False`` turns them off; an :class:`AlertMonitor` sets the limits). Under
-    ``torch.distributed`` every rank makes the same calls, statistics are reduced over ranks with one
-    all-reduce per call, and only rank 0 builds writers.
+    in :attr:`alerts` (``alerts=False`` turns them off; an :class:`AlertMonitor` sets the limits).
+
+    Under ``torch.distributed`` every rank must make the same calls (only rank 0's writers write; a
+    rank left waiting 60 s in a call says why). Each call reduces over ranks with one all-reduce, so
+    every value describes the global batch: whole-batch statistics exactly; losses, learning rates,
+    clipping norms and step times as the mean over ranks (``rank_reduction="local"`` keeps each
+    rank's own, with no communication for them); batch sizes summed. Gradient and EMA statistics of
+    DTensor parameters (FSDP2) are exact from the local shards. Gradient-flow modules are the first
+    ``module_depth`` components of the parameter names once wrappers and a prefix shared by all
+    names (``self.model.``) are dropped.
     """
 
     def __init__(
@@ -69,6 +79,8 @@ class HJEPAMetricsLogger(MetricRouter):
         per_parameter_gradients: bool = False,
         max_similarity_rows: int = 1024,
         distributed: bool = True,
+        rank_reduction: RankReduction = "mean",
+        module_depth: int = 1,
     ) -> None:
         if num_hierarchies < 1:
             raise ValueError(f"num_hierarchies: got {num_hierarchies}; expected >= 1")
@@ -82,7 +94,13 @@ class HJEPAMetricsLogger(MetricRouter):
         )
         self.num_hierarchies = num_hierarchies
         self.hierarchy_weights = list(hierarchy_weights) if hierarchy_weights is not None else None
+        if rank_reduction not in ("mean", "local"):
+            raise ValueError(f"rank_reduction: got {rank_reduction!r}; expected 'mean' or 'local'")
+        if module_depth < 1:
+            raise ValueError(f"module_depth: got {module_depth}; expected >= 1")
         self.per_parameter_gradients = per_parameter_gradients
+        self.module_depth = module_depth
+        self.rank_reduction = rank_reduction
         self.max_similarity_rows = max_similarity_rows
         self.losses = LossHistory(loss_history_size)
         self.clipping = ClippingAccumulator()
@@ -101,13 +119,24 @@ class HJEPAMetricsLogger(MetricRouter):
         return CollapseAccumulator(level=level, max_similarity_rows=self.max_similarity_rows, seed=self.rank)
 
     # -- the guide's methods
+    def _over_ranks(
+        self, values: Mapping[str, torch.Tensor | float], reductions: Mapping[str, Reduction] | None = None
+    ) -> RankReduce:
+        return RankReduce(values, reductions=reductions, local=self.rank_reduction == "local")
+
     def log_hierarchical_losses(
         self, loss_dict: Mapping[str, Scalar], global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        values = hierarchical_losses(
-            loss_dict, num_hierarchies=self.num_hierarchies, hierarchy_weights=self.hierarchy_weights
+        """Losses of the global batch: each value is the mean over ranks (``rank_reduction``)."""
+        inputs = self._over_ranks(loss_inputs(loss_dict, self.num_hierarchies))
+        return self.log_accumulated(
+            [inputs],
+            global_step,
+            prefix,
+            then=lambda v: hierarchical_losses(
+                v, num_hierarchies=self.num_hierarchies, hierarchy_weights=self.hierarchy_weights
+            ),
         )
-        return self.emit(values, global_step, prefix)
 
     def log_masking_statistics(
         self,
@@ -142,9 +171,13 @@ class HJEPAMetricsLogger(MetricRouter):
     def log_gradient_flow(
         self, model: NamedTensors, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        return self.emit(
-            gradient_flow(model, per_parameter=self.per_parameter_gradients), global_step, prefix
+        """Gradient statistics of the full gradients, sharded (FSDP2) or not; see
+        :class:`~hjepa_metrics.gradients.GradientFlowAccumulator`."""
+        state = GradientFlowAccumulator(
+            per_parameter=self.per_parameter_gradients, module_depth=self.module_depth
         )
+        state.update(model)
+        return self.log_accumulated([state], global_step, prefix)
 
     def log_gradient_clipping(
         self,
@@ -155,9 +188,20 @@ class HJEPAMetricsLogger(MetricRouter):
         prefix: str | None = None,
     ) -> dict[str, float]:
         """Clipping around ``clip_grad_norm_``; ``clipping_percentage`` counts every call since
-        construction (or :meth:`reset_clipping_stats`)."""
-        self.clipping.update(global_norm_before, global_norm_after, clip_threshold)
-        return self.log_accumulated([self.clipping], global_step, prefix)
+        construction (or :meth:`reset_clipping_stats`). The norms (DTensor ones included) are the
+        mean over ranks, so every rank counts the same clipped steps."""
+        norms = self._over_ranks(
+            {
+                "before": scalar_tensor(global_norm_before, "global_norm_before"),
+                "after": scalar_tensor(global_norm_after, "global_norm_after"),
+            }
+        )
+
+        def clipped(v: dict[str, float]) -> dict[str, float]:
+            self.clipping.update(v["before"], v["after"], clip_threshold)
+            return {k: float(x) for k, x in self.clipping.compute().items()}
+
+        return self.log_accumulated([norms], global_step, prefix, then=clipped)
 
     def reset_clipping_stats(self) -> None:
         self.clipping.reset()
@@ -165,7 +209,8 @@ class HJEPAMetricsLogger(MetricRouter):
     def log_learning_rate(
         self, optimizer: Any, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        return self.emit(learning_rate(optimizer), global_step, prefix)
+        rates = self._over_ranks(group_learning_rates(optimizer))
+        return self.log_accumulated([rates], global_step, prefix, then=with_base_lr)
 
     def log_hierarchy_feature_stats(
         self,
@@ -174,8 +219,13 @@ class HJEPAMetricsLogger(MetricRouter):
         global_step: int | None = None,
         prefix: str | None = None,
     ) -> dict[str, float]:
+        """Feature statistics of the global batch per level."""
         self.check_levels(len(level_list(predictions, "predictions")), "predictions")
-        return self.emit(hierarchy_feature_stats(predictions, targets), global_step, prefix)
+        if targets is not None:
+            checked_level_pairs(predictions, targets)
+        state = HierarchyAccumulator()
+        state.update(predictions)
+        return self.log_accumulated([state], global_step, prefix)
 
     def log_training_stability(
         self,
@@ -184,12 +234,18 @@ class HJEPAMetricsLogger(MetricRouter):
         global_step: int | None = None,
         prefix: str | None = None,
     ) -> dict[str, float]:
-        """Stability over ``loss_history`` (the caller's, current loss included as the guide does),
-        or, without one, over the logger's own bounded history, to which ``current_loss`` is added."""
-        if loss_history is None:
-            self.losses.update(current_loss)
-            return self.log_accumulated([self.losses], global_step, prefix)
-        return self.log_accumulated([LossHistory.of(loss_history, current_loss)], global_step, prefix)
+        """Stability over ``loss_history`` (the caller's, current loss included as the guide does, used
+        as given), or, without one, over the logger's own bounded history, to which ``current_loss``
+        (the mean over ranks, ``rank_reduction``) is added."""
+        if loss_history is not None:
+            return self.log_accumulated([LossHistory.of(loss_history, current_loss)], global_step, prefix)
+
+        def appended(v: dict[str, float]) -> dict[str, float]:
+            self.losses.update(v["loss"])
+            return {k: float(x) for k, x in self.losses.compute().items()}
+
+        current = self._over_ranks({"loss": scalar_tensor(current_loss, "current_loss")})
+        return self.log_accumulated([current], global_step, prefix, then=appended)
 
     def log_performance_metrics(
         self,
@@ -200,8 +256,21 @@ class HJEPAMetricsLogger(MetricRouter):
         prefix: str | None = None,
         device: torch.device | str | None = None,
     ) -> dict[str, float]:
-        values = performance_metrics(batch_size, forward_time, backward_time, device=device)
-        return self.emit(values, global_step, prefix)
+        """Timing of the global batch: times are the mean over ranks, ``samples_per_second`` the
+        sum of the ranks' batches over that time, memory the highest of any rank (CUDA)."""
+        timing_metrics(batch_size, forward_time, backward_time)  # check the inputs on every rank
+        memory = cuda_memory_metrics(device)
+        inputs = {
+            "batch": float(batch_size),
+            "forward": float(forward_time),
+            "backward": float(backward_time),
+        }
+        state = self._over_ranks({**inputs, **memory}, {"batch": "sum", **dict.fromkeys(memory, "max")})
+
+        def timed(v: dict[str, float]) -> dict[str, float]:
+            return {**timing_metrics(v["batch"], v["forward"], v["backward"]), **{k: v[k] for k in memory}}
+
+        return self.log_accumulated([state], global_step, prefix, then=timed)
 
     def log_ema_dynamics(
         self,
@@ -212,8 +281,10 @@ class HJEPAMetricsLogger(MetricRouter):
         global_step: int | None = None,
         prefix: str | None = None,
     ) -> dict[str, float]:
-        values = ema_dynamics(context_encoder, target_encoder, current_momentum, target_momentum)
-        return self.emit(values, global_step, prefix)
+        """EMA statistics over the full parameters, sharded (FSDP2) or not."""
+        state = EMAAccumulator()
+        state.update(context_encoder, target_encoder, current_momentum, target_momentum)
+        return self.log_accumulated([state], global_step, prefix)
 
     # -- validation
     def validation(self, prefix: str = "val/") -> ValidationAccumulator:

@@ -13,6 +13,28 @@ from ._tensor import Scalar, scalar_tensor, to_host
 _LEVEL_KEY = re.compile(r"^loss_h(\d+)$")
 
 
+def loss_inputs(
+    loss_dict: Mapping[str, Scalar], num_hierarchies: int | None = None
+) -> dict[str, torch.Tensor | float]:
+    """The checked scalars of ``loss_dict`` that the loss tags are computed from: ``loss``,
+    ``loss_h{i}`` for each level and ``loss_unweighted`` when present (floats or 0-d tensors)."""
+    if not isinstance(loss_dict, Mapping):
+        raise TypeError(
+            f"loss_dict: got {type(loss_dict).__name__}; expected a mapping of loss names to values"
+        )
+    if num_hierarchies is None:
+        num_hierarchies = sum(1 for k in loss_dict if _LEVEL_KEY.match(str(k)))
+    if num_hierarchies < 1:
+        raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
+    keys = ["loss", *(f"loss_h{i}" for i in range(num_hierarchies))]
+    for key in keys:
+        if key not in loss_dict:
+            raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
+    if "loss_unweighted" in loss_dict:
+        keys.append("loss_unweighted")
+    return {key: scalar_tensor(loss_dict[key], f"loss_dict[{key!r}]") for key in keys}
+
+
 def hierarchical_losses(
     loss_dict: Mapping[str, Scalar],
     *,
@@ -26,31 +48,14 @@ def hierarchical_losses(
     keys. ``loss/contribution_h{i} = 100 · w_i·loss_h{i} / Σ_j w_j·loss_h{j}`` so the shares sum
     to 100; they are omitted when that denominator is not positive.
     """
-    if not isinstance(loss_dict, Mapping):
-        raise TypeError(
-            f"loss_dict: got {type(loss_dict).__name__}; expected a mapping of loss names to values"
-        )
-    if num_hierarchies is None:
-        num_hierarchies = sum(1 for k in loss_dict if _LEVEL_KEY.match(str(k)))
-    if num_hierarchies < 1:
-        raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
-    weights = checked_weights(hierarchy_weights, num_hierarchies)
-    for key in ["loss", *(f"loss_h{i}" for i in range(num_hierarchies))]:
-        if key not in loss_dict:
-            raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
-
-    raw: dict[str, torch.Tensor | float] = {
-        "loss/total": scalar_tensor(loss_dict["loss"], "loss_dict['loss']")
-    }
-    for i in range(num_hierarchies):
-        raw[f"loss/h{i}"] = scalar_tensor(loss_dict[f"loss_h{i}"], f"loss_dict['loss_h{i}']")
-    if "loss_unweighted" in loss_dict:
-        raw["loss/unweighted"] = scalar_tensor(loss_dict["loss_unweighted"], "loss_dict['loss_unweighted']")
-    out = to_host(raw)
+    inputs = to_host(loss_inputs(loss_dict, num_hierarchies))
+    levels = [v for k, v in inputs.items() if _LEVEL_KEY.match(k)]
+    weights = checked_weights(hierarchy_weights, len(levels))
+    out = {"loss/total": inputs["loss"], **{f"loss/h{i}": v for i, v in enumerate(levels)}}
+    if "loss_unweighted" in inputs:
+        out["loss/unweighted"] = inputs["loss_unweighted"]
     out["health/loss_nonfinite"] = float(sum(not math.isfinite(v) for v in out.values()))
-
-    levels = [out[f"loss/h{i}"] for i in range(num_hierarchies)]
-    out.setdefault("loss/unweighted", sum(levels) / num_hierarchies)
+    out.setdefault("loss/unweighted", sum(levels) / len(levels))
     weighted = [w * v for w, v in zip(weights, levels, strict=True)]
     denominator = sum(weighted)
     if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %

@@ -27,10 +27,15 @@ def performance_metrics(
     ``device=None`` reports the current CUDA device when CUDA has been initialized; a CPU device
     reports no memory tags.
     """
+    return {**timing_metrics(batch_size, forward_time, backward_time), **cuda_memory_metrics(device)}
+
+
+def timing_metrics(batch_size: float, forward_time: float, backward_time: float) -> dict[str, float]:
+    """The timing part of :func:`performance_metrics` (seconds in, milliseconds and samples/s out)."""
     if batch_size < 0:
         raise ValueError(f"batch_size: got {batch_size}; expected a non-negative int")
     fwd, bwd = float(forward_time), float(backward_time)
-    if fwd < 0 or bwd < 0:
+    if fwd < 0 or bwd < 0:  # NaN passes: NaN in, NaN out
         raise ValueError(f"forward_time/backward_time: got {fwd}/{bwd} s; expected non-negative seconds")
     total = fwd + bwd
     out = {
@@ -42,7 +47,6 @@ def performance_metrics(
         out["performance/samples_per_second"] = batch_size / total
     if bwd > 0:
         out["performance/forward_backward_ratio"] = fwd / bwd
-    out.update(cuda_memory_metrics(device))
     return out
 
 

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ._tensor import ArrayLike, accumulate_dtype, as_features, compute_dtype, host_list, level_list, to_host
-from .accumulator import RawValues
-from .distributed import slots
+from .accumulator import RawValues, slots
 
 log = logging.getLogger(__name__)
 

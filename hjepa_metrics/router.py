@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from writers import BaseWriter, Writer
+from writers import Writer
 from writers.base import exit_failed
 
 from ._tensor import ArrayLike, to_host
 from .accumulator import Accumulator
 from .alerts import Alert, AlertMonitor
 from .collapse import CollapseAccumulator
-from .distributed import rank_and_world, reduce_accumulators
+from .distributed import COLLECTIVE_WARNING_SECONDS, rank_and_world, reduce_accumulators
 
 _R = TypeVar("_R", bound="MetricRouter")
 
@@ -27,8 +27,10 @@ _R = TypeVar("_R", bound="MetricRouter")
 class MetricRouter:
     """Writes tagged values under a prefix at the current step, through one writer.
 
-    ``make_writer`` is called on rank 0 only (other ranks get a writer that writes nothing), so no
-    rank but 0 opens a file or a run. ``distributed=False`` ignores ``torch.distributed``.
+    Only rank 0's writers open anything: on other ranks writers are :class:`writers.base.NullWriter` objects
+    (unless built with ``all_ranks``). ``distributed=False`` makes no collective call. A rank
+    that waits ``collective_warning`` seconds (60) for the others in a logging call says why it may
+    be stuck.
     """
 
     def __init__(
@@ -40,10 +42,12 @@ class MetricRouter:
         distributed: bool = True,
     ) -> None:
         self.distributed = distributed
-        self.writer: Writer = make_writer() if self.rank == 0 else BaseWriter()
+        # on other ranks every writer (and build_writers) is a NullWriter unless asked for `all_ranks`
+        self.writer: Writer = make_writer()
         self.prefix = prefix
         self.monitor = monitor
         self.step = 0
+        self.collective_warning = COLLECTIVE_WARNING_SECONDS
 
     @property
     def alerts(self) -> list[Alert]:
@@ -78,16 +82,22 @@ class MetricRouter:
         return full
 
     def log_accumulated(
-        self, accumulators: Sequence[Accumulator], global_step: int | None = None, prefix: str | None = None
+        self,
+        accumulators: Sequence[Accumulator],
+        global_step: int | None = None,
+        prefix: str | None = None,
+        then: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
     ) -> dict[str, float]:
-        """Reduce the accumulators over ranks (one all-reduce), compute them, write the values."""
-        reduce_accumulators(accumulators, self.world)
+        """Reduce the accumulators over ranks (one all-reduce), compute them (one host transfer),
+        pass the values through ``then`` (for groups computed from reduced inputs), write them."""
+        reduce_accumulators(accumulators, self.world, warn_after=self.collective_warning)
         raw: dict[str, torch.Tensor | float] = {}
         for acc in accumulators:
             raw.update(acc.compute())
             if self.monitor is not None and isinstance(acc, CollapseAccumulator) and acc.dim is not None:
                 self.monitor.set_feature_dim(acc.level, acc.dim)
-        return self.emit(to_host(raw), global_step, prefix)
+        values = to_host(raw)
+        return self.emit(then(values) if then is not None else values, global_step, prefix)
 
     def log_scalars(
         self, metrics: Mapping[str, float], global_step: int | None = None, prefix: str | None = None
