@@ -20,7 +20,7 @@ from .prediction import prediction_quality
 from .registry import tags
 from .stability import training_stability
 from .training_step import log_training_step
-from .validation import ValidationAccumulator
+from .validation import ValidationAccumulator, sampler_valid_mask
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "performance_metrics",
     "prediction_quality",
     "registry",
+    "sampler_valid_mask",
     "tags",
     "timed",
     "training_stability",

@@ -13,8 +13,20 @@ Scalar = float | int | torch.Tensor | np.ndarray | np.generic
 
 
 def as_tensor(x: object, name: str) -> torch.Tensor:
-    """Return ``x`` as a detached tensor without copying torch inputs (numpy arrays are wrapped)."""
+    """Return ``x`` as a detached tensor without copying torch inputs (numpy arrays are wrapped).
+
+    A replicated DTensor (the norm ``clip_grad_norm_`` returns under FSDP2) is its local copy; a
+    sharded one is refused, as its statistics would be those of one shard."""
     if isinstance(x, torch.Tensor):
+        placements = getattr(x, "placements", None)
+        if placements is not None and hasattr(x, "to_local"):
+            if not all(p.is_replicate() for p in placements):
+                raise ValueError(
+                    f"{name}: got a DTensor sharded as {tuple(placements)}; expected a plain tensor or a "
+                    "replicated DTensor (pass .full_tensor() for a small tensor)"
+                )
+            local: torch.Tensor = x.to_local()  # type: ignore[attr-defined]
+            return local.detach()
         return x.detach()
     if isinstance(x, np.ndarray):
         if x.dtype == object:
