@@ -79,8 +79,8 @@ class CollapseAccumulator:
     def update(self, features: ArrayLike) -> None:
         """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine), M, D ≥ 1."""
         x = as_features(features, "features")
-        if x.numel() == 0:
-            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
+        if x.shape[-1] == 0:
+            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one feature dim")
         x = x.reshape(-1, x.shape[-1])
         m, d = x.shape
         if self.gram is None:
@@ -107,7 +107,8 @@ class CollapseAccumulator:
             # a NaN/inf anywhere in a row makes its squared norm non-finite: no [rows, D] mask needed
             self.nonfinite_rows += (~torch.isfinite(sq)).sum()
         self.count += m
-        self._update_sample(x)
+        if m:  # no rows (a batch of padding only): the state is set up, nothing is added
+            self._update_sample(x)
 
     def _update_sample(self, x: torch.Tensor) -> None:
         keep = self.max_similarity_rows
@@ -224,6 +225,9 @@ def collapse_metrics(
     sample of at most ``max_similarity_rows`` rows drawn with a private generator seeded by
     ``seed`` (the global RNG is never touched). Quantities undefined for M < 2 are NaN.
     """
+    x = as_features(features, "features")
+    if x.numel() == 0:
+        raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one row and dim")
     state = CollapseAccumulator(level=level, max_similarity_rows=max_similarity_rows, seed=seed)
-    state.update(features)
+    state.update(x)
     return to_host(state.compute())

@@ -49,6 +49,8 @@ class ValidationAccumulator:
             if predictions is not None and targets is not None:
                 predictions = _rows(predictions, keep, "predictions")
                 targets = _rows(targets, keep, "targets")
+                if not bool(keep.any()):  # padding only: nothing to add (and no empty-level warning)
+                    predictions = targets = None
             if features is not None:
                 features = _rows(features, keep, "features")
         if predictions is not None and targets is not None:
