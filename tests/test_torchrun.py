@@ -1,0 +1,101 @@
+"""``torchrun`` with 2 and 4 CPU processes on gloo and all four backends: one run per backend, values of the
+global batch equal to one process on the concatenated data, and a clean exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hjepa_metrics as hm
+from writers import read_jsonl
+
+pytest.importorskip("wandb")
+pytest.importorskip("mlflow")
+pytest.importorskip("tensorboard")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import torchrun_job as job  # noqa: E402
+
+
+def _single_process_values() -> dict[int, dict[str, float]]:
+    """What one process logs for the same steps on the whole batch."""
+    net = job.model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    logger = hm.HJEPAMetricsLogger([], num_hierarchies=job.LEVELS, hierarchy_weights=[1.0, 0.5], alerts=False)
+    out = {}
+    for step in range(job.STEPS):
+        batch = job.global_batch(step)
+        optimizer.zero_grad()
+        loss_dict = job.losses(batch["x"], net(batch["x"]))
+        loss_dict["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+        out[step] = hm.log_training_step(
+            logger,
+            global_step=step,
+            loss_dict=loss_dict,
+            mask=batch["mask"],
+            predictions=[batch["pred0"], batch["pred1"]],
+            targets=[batch["targ0"], batch["targ1"]],
+            collapse_features=[batch["x"]],
+            model=net,
+            grad_norm_before=norm,
+            clip_threshold=1.0,
+            optimizer=optimizer,
+        )
+        optimizer.step()
+    return out
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_torchrun_writes_one_run_per_backend_with_global_values(tmp_path: Path, processes: int) -> None:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            str(HERE / "torchrun_job.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert time.monotonic() - start < 240  # and no hang at exit
+
+    # one of each: no rank but 0 opened anything
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["metrics.jsonl"]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [p for p in (tmp_path / "tensorboard").iterdir() if p.is_dir()] == []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "hjepa"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+    want = _single_process_values()
+    records = [r for r in read_jsonl(tmp_path) if "metrics" in r]
+    for step, values in want.items():
+        logged = {k: v for r in records if r["step"] == step for k, v in r["metrics"].items()}
+        for tag, value in values.items():
+            if tag.endswith("max_similarity"):
+                continue  # a sample merged from the ranks, not the same draw
+            assert logged[tag] == pytest.approx(value, rel=2e-5, abs=1e-7), (step, tag)
+        history = client.get_metric_history(run.info.run_id, "train/loss/total")
+        assert [m.step for m in history] == list(range(job.STEPS))
