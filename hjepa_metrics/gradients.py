@@ -28,9 +28,9 @@ class GradientFlowAccumulator:
     contributes the sums of its local shard, divided by how many ranks hold a copy of it (the
     mesh dims with a ``Replicate`` placement; every rank for a plain tensor), so the one summed
     all-reduce of the call gives the statistics of the full gradients, without gathering them.
-    Modules are the first ``module_depth`` components of :func:`network_names` (wrappers and the
-    prefix every parameter shares are dropped). FSDP1's flat parameters are refused with a clear
-    error.
+    Modules are the first ``module_depth`` components of :func:`network_names` of the trainable
+    parameters (wrappers and the prefix every one of them shares are dropped). FSDP1's flat
+    parameters are refused with a clear error.
     """
 
     def __init__(self, *, per_parameter: bool = False, module_depth: int = 1) -> None:
@@ -48,10 +48,11 @@ class GradientFlowAccumulator:
 
     def update(self, model: NamedTensors) -> None:
         named = named_tensors(model, "model")
-        all_names = [n for n, _ in named]
-        refuse_fsdp1(model, all_names)
-        clean = network_names(all_names)
-        kept = [(c, p.grad) for c, (_, p) in zip(clean, named, strict=True) if p.grad is not None]
+        refuse_fsdp1(model, [n for n, _ in named])
+        # the network the user trains: frozen parts (an EMA target encoder beside it) do not count
+        trained = [(n, p) for n, p in named if p.requires_grad or p.grad is not None]
+        clean = network_names([n for n, _ in trained])
+        kept = [(c, p.grad) for c, (_, p) in zip(clean, trained, strict=True) if p.grad is not None]
         kept = [(c, g) for c, g in kept if g.numel()]
         if not kept:
             return
@@ -125,10 +126,11 @@ def gradient_flow(
 
     ``model`` is an ``nn.Module``, ``named_parameters()`` or a mapping name → parameter; tensors
     without ``.grad`` are skipped. ``global_norm = sqrt(Σ_t ‖g_t‖²)`` is what ``clip_grad_norm_``
-    returns. Modules are the first ``module_depth`` components of the parameter names once wrapper
-    components (DDP's leading ``module.``, compile's ``_orig_mod.`` anywhere, FSDP1/checkpoint
-    wrappers) and the prefix all names share (a net held as ``self.model``) are dropped. DTensor
-    gradients (FSDP2) are supported; see :class:`GradientFlowAccumulator`. One host transfer.
+    returns. Modules are the first ``module_depth`` components of the trainable parameters' names
+    once wrapper components (DDP's leading ``module.``, compile's ``_orig_mod.`` anywhere,
+    checkpoint wrappers) and the prefix all of them share (a net held as ``self.model``) are
+    dropped. DTensor gradients (FSDP2) are supported; see :class:`GradientFlowAccumulator`. One
+    host transfer.
     """
     state = GradientFlowAccumulator(per_parameter=per_parameter, module_depth=module_depth)
     state.update(model)

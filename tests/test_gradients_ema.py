@@ -120,3 +120,52 @@ def test_ema_name_and_shape_mismatch_are_errors() -> None:
     bad["predictor.bias"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"parameter 'predictor\.bias'"):
         ema_dynamics(ctx, bad, 0.9, 1.0)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.context_encoder = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.predictor = nn.Linear(4, 2)
+
+
+def _with_grads(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    return module
+
+
+def _modules(flow: dict[str, float]) -> set[str]:
+    return {
+        t.removeprefix("gradient_flow/").rsplit("_", 1)[0]
+        for t in flow
+        if t.startswith("gradient_flow/") and t != "gradient_flow/global_norm"
+    }
+
+
+def test_module_names_are_the_nets_parts_whatever_wraps_it() -> None:
+    net = _with_grads(_Net())
+    bare = gradient_flow(net)
+    assert _modules(bare) == {"context_encoder", "predictor"}
+
+    class Holder(nn.Module):  # a LightningModule holding the net as self.model, beside a frozen teacher
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = net
+            self.target_encoder = nn.Linear(4, 4).requires_grad_(False)
+
+    compiled = torch.compile(net)  # `_orig_mod.` at the start; in the middle once held by another module
+    holder = Holder()
+    holder.model = compiled  # type: ignore[assignment]
+    for wrapped in (Holder(), compiled, holder, {f"module.{n}": p for n, p in Holder().named_parameters()}):
+        assert gradient_flow(wrapped) == bare, type(wrapped).__name__
+    deeper = gradient_flow(net, module_depth=2)
+    assert _modules(deeper) == {"context_encoder.0", "context_encoder.1", "predictor"}  # a leaf module stays
+    assert deeper["gradient_flow/context_encoder.0_mean"] == 1.0
+
+
+def test_fsdp1_flat_parameters_are_refused_with_what_to_use() -> None:
+    flat = {"_fsdp_wrapped_module._flat_param": nn.Parameter(torch.ones(10))}
+    flat["_fsdp_wrapped_module._flat_param"].grad = torch.ones(10)
+    with pytest.raises(TypeError, match=r"FSDP1 .* FSDP2 \(torch.distributed.fsdp.fully_shard\)"):
+        gradient_flow(flat)
