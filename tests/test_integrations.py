@@ -113,7 +113,12 @@ def test_accelerate_tracker_selects_our_writers(tmp_path: Path) -> None:
     from hjepa_metrics import HJEPAMetricsLogger
     from hjepa_metrics.integrations.accelerate import HJEPAMetricsTracker
 
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     tracker = HJEPAMetricsTracker("tiny", config={"log_dir": str(tmp_path), "backends": ["jsonl"]})
+    assert PartialState._shared_state == {}  # building the tracker set up none of Accelerate's state
+    assert not (tmp_path / "metrics.jsonl").exists()  # nor any writer: that waits for init_trackers
     accelerator = accelerate.Accelerator(log_with=tracker, cpu=True)
     accelerator.init_trackers("hjepa", config={"lr": 0.1, "api_key": "secret-value"})
     model = TinyHJEPA()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import hjepa_metrics as hm
 from writers import read_jsonl
 
 pytest.importorskip("wandb")
@@ -23,35 +22,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import torchrun_job as job  # noqa: E402
-
-
-def _single_process_values() -> dict[int, dict[str, float]]:
-    """What one process logs for the same steps on the whole batch."""
-    net = job.model()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-    logger = hm.HJEPAMetricsLogger([], num_hierarchies=job.LEVELS, hierarchy_weights=[1.0, 0.5], alerts=False)
-    out = {}
-    for step in range(job.STEPS):
-        batch = job.global_batch(step)
-        optimizer.zero_grad()
-        loss_dict = job.losses(batch["x"], net(batch["x"]))
-        loss_dict["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
-        out[step] = hm.log_training_step(
-            logger,
-            global_step=step,
-            loss_dict=loss_dict,
-            mask=batch["mask"],
-            predictions=[batch["pred0"], batch["pred1"]],
-            targets=[batch["targ0"], batch["targ1"]],
-            collapse_features=[batch["x"]],
-            model=net,
-            grad_norm_before=norm,
-            clip_threshold=1.0,
-            optimizer=optimizer,
-        )
-        optimizer.step()
-    return out
 
 
 @pytest.mark.parametrize("processes", [2, 4])
@@ -89,7 +59,7 @@ def test_torchrun_writes_one_run_per_backend_with_global_values(tmp_path: Path, 
     assert run.info.status == "FINISHED"
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
 
-    want = _single_process_values()
+    want = job.single_process_values()
     records = [r for r in read_jsonl(tmp_path) if "metrics" in r]
     for step, values in want.items():
         logged = {k: v for r in records if r["step"] == step for k, v in r["metrics"].items()}

@@ -60,6 +60,35 @@ def losses(x: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss": h0 + 0.5 * h1, "loss_h0": h0, "loss_h1": h1}
 
 
+def single_process_values() -> dict[int, dict[str, float]]:
+    """What one process logs for the same steps on the whole batch."""
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    logger = hm.HJEPAMetricsLogger([], num_hierarchies=LEVELS, hierarchy_weights=[1.0, 0.5], alerts=False)
+    out = {}
+    for step in range(STEPS):
+        batch = global_batch(step)
+        optimizer.zero_grad()
+        loss_dict = losses(batch["x"], net(batch["x"]))
+        loss_dict["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+        out[step] = hm.log_training_step(
+            logger,
+            global_step=step,
+            loss_dict=loss_dict,
+            mask=batch["mask"],
+            predictions=[batch["pred0"], batch["pred1"]],
+            targets=[batch["targ0"], batch["targ1"]],
+            collapse_features=[batch["x"]],
+            model=net,
+            grad_norm_before=norm,
+            clip_threshold=1.0,
+            optimizer=optimizer,
+        )
+        optimizer.step()
+    return out
+
+
 def main(log_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

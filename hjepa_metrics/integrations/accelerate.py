@@ -3,10 +3,14 @@
     tracker = HJEPAMetricsTracker("vit-s", config={"backends": ["mlflow", "jsonl"], "log_dir": "runs/vit-s"})
     accelerator = Accelerator(log_with=tracker)
     accelerator.init_trackers("hjepa", config={"lr": 1e-3})
+    logger = HJEPAMetricsLogger(tracker.writer)  # on every process: the guide's metrics, same run
     accelerator.log({"train/loss/total": loss}, step=step)
 
-``accelerator.get_tracker("hjepa_metrics", unwrap=True)`` is the writer; an ``HJEPAMetricsLogger`` over it
-(``HJEPAMetricsLogger(tracker.writer)``) logs the guide's metrics into the same run.
+The tracker can be built before or after ``Accelerator(...)``: building it touches none of Accelerate's
+state (``PartialState`` is left for the Accelerator to set up from ``accelerate launch``). Only the main
+process opens writers; :attr:`HJEPAMetricsTracker.writer` is a writer that writes nothing on the others
+(and before ``init_trackers``), so the logger can be built on every process, where its values are
+reduced over the global batch.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from writers import Writer, build_writers
+from writers.base import NullWriter
 
 try:
-    from accelerate.tracking import GeneralTracker, on_main_process
+    from accelerate.tracking import GeneralTracker
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'the Accelerate tracker needs accelerate: pip install "hjepa-metrics[accelerate]"'
@@ -27,41 +32,42 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 class HJEPAMetricsTracker(GeneralTracker):  # type: ignore[misc]
     """``GeneralTracker`` over ``build_writers(config)``; numbers and 0-d tensors are logged, other values
-    (strings, lists) are skipped, as Accelerate's own trackers do."""
+    (strings, lists) are skipped, as Accelerate's own trackers do. Accelerate calls it on the main
+    process only; called on another process, it writes nothing (``build_writers`` gives a
+    :class:`~writers.base.NullWriter` there)."""
 
     name = "hjepa_metrics"
     requires_logging_directory = False
+    main_process_only = True
 
-    @on_main_process  # type: ignore[misc,untyped-decorator]
     def __init__(
         self, run_name: str, config: Mapping[str, Any] | str | os.PathLike[str] | None = None
     ) -> None:
+        # no @on_main_process here: it would create Accelerate's PartialState with defaults before
+        # the Accelerator exists, and every process of `accelerate launch` would think it is alone
         super().__init__()
         self.run_name = run_name
         self._config = config
-        self.writer: Writer | None = None
+        self.writer: Writer = NullWriter(self.name)
+        self._started = False
         self._step = 0
 
-    @on_main_process  # type: ignore[misc,untyped-decorator]
     def start(self) -> None:
-        if self.writer is None:
+        if not self._started:
+            self._started = True
             config = self._config if self._config is not None else {"experiment_name": self.run_name}
             self.writer = build_writers(config)
 
     @property
-    def tracker(self) -> Writer | None:
+    def tracker(self) -> Writer:
         return self.writer
 
-    @on_main_process  # type: ignore[misc,untyped-decorator]
     def store_init_configuration(self, values: dict[str, Any]) -> None:
         self.start()
-        assert self.writer is not None
         self.writer.log_config(values)
 
-    @on_main_process  # type: ignore[misc,untyped-decorator]
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
         self.start()
-        assert self.writer is not None
         self._step = self._step if step is None else int(step)
         scalars = {}
         for key, value in values.items():
@@ -74,7 +80,5 @@ class HJEPAMetricsTracker(GeneralTracker):  # type: ignore[misc]
         if scalars:
             self.writer.log_scalars(scalars, self._step)
 
-    @on_main_process  # type: ignore[misc,untyped-decorator]
     def finish(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
