@@ -110,10 +110,10 @@ def test_lightning_callback_logs_the_guide_tags(tmp_path: Path) -> None:
 
 def test_accelerate_tracker_selects_our_writers(tmp_path: Path) -> None:
     accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, PartialState
+
     from hjepa_metrics import HJEPAMetricsLogger
     from hjepa_metrics.integrations.accelerate import HJEPAMetricsTracker
-
-    from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     tracker = HJEPAMetricsTracker("tiny", config={"log_dir": str(tmp_path), "backends": ["jsonl"]})

@@ -72,13 +72,14 @@ def _fsdp_worker(rank: int, port: int, log_dir: str) -> None:
             fully_shard(module)
         x, y = _batch(rank)
         F.mse_loss(model(x), y).backward()
+        replicated = _replicated_parameter()
         calls = _count_collectives()
         logger = hm.HJEPAMetricsLogger(
             config={"log_dir": log_dir, "backends": ["jsonl"]},
             num_hierarchies=1,
             per_parameter_gradients=True,
         )
-        logger.log_gradient_flow(model, global_step=1)
+        logger.log_gradient_flow({**dict(model.named_parameters()), "scale.w": replicated}, global_step=1)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)  # a DTensor norm
         assert type(norm).__name__ == "DTensor"
         logger.log_gradient_clipping(norm, norm.clamp(max=0.05), clip_threshold=0.05, global_step=1)
@@ -87,6 +88,22 @@ def _fsdp_worker(rank: int, port: int, log_dir: str) -> None:
         logger.close()
     finally:
         dist.destroy_process_group()
+
+
+def _replicated_parameter() -> nn.Parameter:
+    """A parameter held whole by every rank as a ``Replicate`` DTensor (tensor-parallel style)."""
+    values, grad = torch.arange(3.0), torch.tensor([2.0, -4.0, 0.5])
+    if not dist.is_initialized():
+        param = nn.Parameter(values)
+        param.grad = grad
+        return param
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    param = nn.Parameter(distribute_tensor(values, mesh, [Replicate()]))
+    param.grad = distribute_tensor(grad, mesh, [Replicate()])
+    return param
 
 
 def _count_collectives() -> Any:
@@ -118,7 +135,11 @@ def test_fsdp2_statistics_equal_the_unsharded_model(tmp_path: Path) -> None:
     model, target = _models()  # the same model, unsharded, on the concatenated batch
     xs, ys = zip(*(_batch(r) for r in range(WORLD)), strict=True)
     F.mse_loss(model(torch.cat(xs)), torch.cat(ys)).backward()
-    want = hm.gradient_flow(model, per_parameter=True)
+    want = hm.gradient_flow(
+        {**dict(model.named_parameters()), "scale.w": _replicated_parameter()}, per_parameter=True
+    )
+    assert "gradients/scale.w_mean" in want  # a Replicate DTensor counted once, not once per rank
+    want.pop("gradient_flow/global_norm")  # with the extra parameter; the clip norm is checked below
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05))
     want.update(hm.gradient_clipping(norm, min(norm, 0.05), 0.05))
     want.update(hm.ema_dynamics(model.context_encoder, target, 0.99, 1.0))
@@ -127,7 +148,8 @@ def test_fsdp2_statistics_equal_the_unsharded_model(tmp_path: Path) -> None:
     }
     for tag, value in want.items():
         assert logged["train/" + tag] == pytest.approx(value, rel=1e-5, abs=1e-7), tag
-    assert logged["train/gradient_flow/global_norm"] == pytest.approx(norm, rel=1e-6)
+    extra = float(torch.tensor([2.0, -4.0, 0.5]).square().sum())
+    assert logged["train/gradient_flow/global_norm"] == pytest.approx((norm**2 + extra) ** 0.5, rel=1e-6)
 
 
 def _ddp_worker(rank: int, port: int, log_dir: str) -> None:
