@@ -65,10 +65,10 @@ def refuse_fsdp1(source: object, names: list[str]) -> None:
     )
     if flat or wrapped:
         raise TypeError(
-            "gradient statistics of FSDP1 (FullyShardedDataParallel) are not supported: its flat "
+            "statistics of FSDP1 (FullyShardedDataParallel) parameters are not supported: its flat "
             "parameters are per-rank shards that do not map to modules. Shard with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard), whose DTensor gradients are supported exactly, "
-            "or use DDP"
+            "(torch.distributed.fsdp.fully_shard), whose DTensor parameters and gradients are "
+            "supported exactly, or use DDP"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._params import NamedTensors, local_part, named_tensors, shard_norms
+from ._params import NamedTensors, local_part, named_tensors, refuse_fsdp1, shard_norms
 from ._tensor import Scalar, accumulate_dtype, scalar_tensor, to_host
 from .accumulator import RawValues
 
@@ -32,6 +32,8 @@ class EMAAccumulator:
     ) -> None:
         context = dict(named_tensors(context_encoder, "context_encoder"))
         target = dict(named_tensors(target_encoder, "target_encoder"))
+        refuse_fsdp1(context_encoder, list(context))
+        refuse_fsdp1(target_encoder, list(target))
         if context.keys() != target.keys():
             missing = sorted(context.keys() - target.keys())
             extra = sorted(target.keys() - context.keys())

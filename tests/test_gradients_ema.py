@@ -169,3 +169,5 @@ def test_fsdp1_flat_parameters_are_refused_with_what_to_use() -> None:
     flat["_fsdp_wrapped_module._flat_param"].grad = torch.ones(10)
     with pytest.raises(TypeError, match=r"FSDP1 .* FSDP2 \(torch.distributed.fsdp.fully_shard\)"):
         gradient_flow(flat)
+    with pytest.raises(TypeError, match="FSDP1"):
+        ema_dynamics(flat, flat, 0.99, 1.0)
