@@ -17,13 +17,20 @@ from torch import nn
 
 
 def synthetic_images(count: int, size: int, seed: int) -> torch.Tensor:
-    """``[count, 3, size, size]`` images in [0, 1]: a smooth colour gradient plus a few bright
-    rectangles and discs, so nearby patches are predictable from context and far ones are not."""
+    """``[count, 3, size, size]`` images in [0, 1]: a colour gradient under an oriented texture (a
+    grating of random frequency and angle per image), plus bright rectangles and discs, so nearby
+    patches are predictable from context, far ones are not, and no two patches look alike."""
     gen = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     base = torch.rand(count, 3, 1, 1, generator=gen)
     slope = torch.rand(count, 3, 2, generator=gen) - 0.5
     images = base + slope[..., 0, None, None] * ys + slope[..., 1, None, None] * xs
+    angle = torch.rand(count, 1, 1, generator=gen) * math.pi
+    freq = 2 + torch.rand(count, 1, 1, generator=gen) * 6
+    phase = torch.rand(count, 1, 1, generator=gen) * 2 * math.pi
+    wave = torch.sin(2 * math.pi * freq * (ys * torch.cos(angle) + xs * torch.sin(angle)) + phase)
+    tint = torch.rand(count, 3, 1, 1, generator=gen) - 0.5
+    images = images + 0.2 * wave.unsqueeze(1) * tint
     for _ in range(3):
         color = torch.rand(count, 3, 1, 1, generator=gen)
         cy, cx = torch.rand(2, count, 1, 1, generator=gen) * size
@@ -91,7 +98,7 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, 1 + N, D]`` (CLS first); ``hidden`` ``[B, N]`` marks patches the encoder may not see."""
-        x = self.embed(self.patches(images))
+        x = self.embed(self.patches((images - 0.5) / 0.25))  # centred pixels, as a ViT's normalization
         x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
         pad = None
         if hidden is not None:
@@ -120,7 +127,9 @@ class Predictor(nn.Module):
 
 class HJEPA(nn.Module):
     """Context encoder, EMA target encoder and predictor over three levels: the masked patches
-    (level 0), their 2×2 pools (level 1) and each block's mean (level 2)."""
+    (level 0), their 2×2 pools (level 1) and each block's mean (level 2). ``stop_gradient=False``
+    computes targets with the online encoder and its gradients instead: the classic JEPA bug that
+    lets every representation collapse to one vector (the demo's collapse scenario)."""
 
     def __init__(
         self,
@@ -132,6 +141,7 @@ class HJEPA(nn.Module):
         block: int = 4,
         momentum: tuple[float, float] = (0.996, 1.0),
         total_steps: int = 300,
+        stop_gradient: bool = True,
     ) -> None:
         super().__init__()
         self.grid = image // patch
@@ -144,9 +154,18 @@ class HJEPA(nn.Module):
         self.predictor = Predictor(dim, depth, heads, n)
         self.momentum = momentum
         self.total_steps = total_steps
+        self.stop_gradient = stop_gradient
 
     def get_num_patches(self) -> int:
         return self.grid * self.grid
+
+    def representations(self, context: torch.Tensor) -> list[torch.Tensor]:
+        """The context encoder's patch tokens ``[B, 1 + N, D]`` (CLS first) at each level's scale: the
+        tokens, their 2×2 pools and their block-size pools (``[B, N_l, D]``), whose collapse is watched."""
+        b = context.shape[0]
+        grid = context[:, 1:].transpose(1, 2).reshape(b, self.dim, self.grid, self.grid)
+        pools = [grid, F.avg_pool2d(grid, 2), F.avg_pool2d(grid, self.block)]
+        return [p.flatten(2).transpose(1, 2) for p in pools]
 
     def _levels(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Tokens of the masked blocks per level: ``[B, K·b², D]``, ``[B, K·(b/2)², D]``, ``[B, K, D]``."""
@@ -167,8 +186,11 @@ class HJEPA(nn.Module):
     ) -> dict[str, Any]:
         hidden = mask.any(dim=1)  # [B, N]: every target block is hidden from the context encoder
         context = self.context_encoder(images, hidden)
-        with torch.no_grad():
-            target = F.layer_norm(self.target_encoder(images)[:, 1:], (self.dim,))
+        if self.stop_gradient:
+            with torch.no_grad():
+                target = F.layer_norm(self.target_encoder(images)[:, 1:], (self.dim,))
+        else:  # the classic bug: targets from the online encoder, with gradients: a path to collapse
+            target = F.layer_norm(self.context_encoder(images)[:, 1:], (self.dim,))
         predicted = self.predictor(context[:, 1:], hidden)
         predictions = self._levels(predicted, mask)
         targets = self._levels(target, mask)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hjepa_metrics import HJEPAMetricsLogger, log_training_step, timed
+from hjepa_metrics.alerts import AlertMonitor, health_verdict
 
 if __package__:  # installed as hjepa_metrics.examples, or imported from the repo
     from .toy_hjepa import HJEPA, BlockMasking, HierarchicalLoss, batches, synthetic_images, visualize_patches
@@ -36,6 +39,8 @@ else:  # run as a script: python examples/train_hjepa.py
 
 __all__ = ["HJEPATrainer", "batches", "default_config", "main"]
 
+CHECKPOINT = "checkpoint.pt"
+
 
 class HJEPATrainer:
     """The guide's trainer: every ``log_frequency`` steps the guide's ten calls, EMA dynamics every
@@ -46,13 +51,19 @@ class HJEPATrainer:
         train = config["training"]
         torch.manual_seed(train["seed"])
         self.device = torch.device("cpu")
-        self.model = HJEPA(total_steps=train["steps"], **config["model"]["architecture"])
+        ema = config["model"]["ema"]
+        self.model = HJEPA(
+            total_steps=train["steps"],
+            momentum=(ema["momentum_start"], ema["momentum_end"]),
+            stop_gradient=config["model"].get("stop_gradient", True),
+            **config["model"]["architecture"],
+        )
         self.masking_fn = BlockMasking(self.model.grid, self.model.block, num_blocks=2, seed=train["seed"])
         self.loss_fn = HierarchicalLoss(config["loss"]["hierarchy_weights"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=0.05)
         warmup, steps = max(1, train["steps"] // 10), train["steps"]
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(  # counts this run's steps from 0
             self.optimizer,
             lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
         )
@@ -61,10 +72,13 @@ class HJEPATrainer:
         self.batch_size = train["batch_size"]
         self.global_step = 0
         self.progress = progress
+        levels = config["model"]["num_hierarchies"]
         self.logger = HJEPAMetricsLogger(
             config=logging_config if logging_config is not None else config["logging"],
-            num_hierarchies=config["model"]["num_hierarchies"],
+            num_hierarchies=levels,
             hierarchy_weights=config["loss"]["hierarchy_weights"],
+            # an untrained model predicts poorly and clips often: alerts start after the warm-up
+            alerts=AlertMonitor(num_hierarchies=levels, warmup_steps=train["alert_warmup_steps"]),
         )
         self.logger.log_config(config)
 
@@ -98,8 +112,8 @@ class HJEPATrainer:
                 num_patches=self.model.get_num_patches(),
                 predictions=output["predictions"],
                 targets=output["targets"],
-                # level 0: the context encoder's patch tokens (CLS dropped); coarser: predicted features
-                collapse_features=[output["context_features"][:, 1:], *output["predictions"][1:]],
+                # the context encoder's patch tokens (CLS dropped), and their pools at each coarser level
+                collapse_features=self.model.representations(output["context_features"]),
                 model=self.model,
                 grad_norm_before=norm,
                 clip_threshold=clip,
@@ -138,13 +152,34 @@ class HJEPATrainer:
             for batch in self.val_loader:
                 mask = self.masking_fn(batch["image"].shape[0])
                 output = self.model(batch["image"], mask, return_all_levels=True)
-                features = [output["context_features"][:, 1:, :], *output["predictions"][1:]]
+                features = self.model.representations(output["context_features"])
                 val.update(predictions=output["predictions"], targets=output["targets"], features=features)
         self.model.train()
         return val.log(global_step=self.global_step)
 
+    def save(self, path: Path) -> None:
+        """Model, optimizer, schedule and step, for ``--resume``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+        }
+        torch.save(state, path)
+
+    def load(self, path: Path) -> None:
+        """Continue from a :meth:`save`: the learning rate starts a new warm-up and cosine cycle over
+        the steps to come, and the EMA momentum schedule stretches to their end."""
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state["global_step"])
+        self.model.total_steps = self.global_step + self.config["training"]["steps"]
+
     def train(self) -> dict[str, float]:
+        """``training.steps`` more steps from :attr:`global_step`; returns the last validation values."""
         train = self.config["training"]
+        end = self.global_step + train["steps"]
         bar: Any = None
         redirect: Any = contextlib.nullcontext()
         if self.progress:
@@ -157,16 +192,16 @@ class HJEPATrainer:
         epoch = 0
         with redirect:
             self.model.train()
-            while self.global_step < train["steps"]:
+            while self.global_step < end:
                 for batch in self.train_loader:
-                    if self.global_step >= train["steps"]:
+                    if self.global_step >= end:
                         break
                     loss = self._train_step(batch["image"].to(self.device))
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
                         bar.update(1)
                     self.global_step += 1
-                if epoch % train["val_every_epochs"] == 0 or self.global_step >= train["steps"]:
+                if epoch % train["val_every_epochs"] == 0 or self.global_step >= end:
                     validation = self.validate()
                 epoch += 1
         if bar is not None:
@@ -174,37 +209,98 @@ class HJEPATrainer:
         return validation
 
 
-def default_config(steps: int, log_dir: str, backends: Sequence[str]) -> dict[str, Any]:
+SCENARIOS = {
+    "healthy": "a toy H-JEPA that trains well: no guide threshold crossed once it has warmed up",
+    "collapse": "the same model with the classic bug (targets from the online encoder, with gradients): "
+    "its representations collapse within ~100 steps and the alerts and the report catch it",
+}
+
+
+def default_config(
+    steps: int,
+    log_dir: str,
+    backends: Sequence[str],
+    scenario: str = "healthy",
+    run_name: str = "run",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """The demo's configuration. Runs live in ``log_dir/<run_name>`` (JSONL, W&B files, checkpoint);
+    TensorBoard runs side by side in ``log_dir/tensorboard/<run_name>`` and MLflow runs in one store,
+    ``log_dir/mlflow.db``, so every demo run can be compared with the others."""
+    parent = Path(log_dir)
+    run_dir = parent / run_name
     return {
         "model": {
             "num_hierarchies": 3,
             "architecture": {"image": 32, "patch": 4, "dim": 64, "depth": 2, "heads": 4, "block": 4},
             "ema": {"momentum_start": 0.996, "momentum_end": 1.0},
+            "stop_gradient": scenario != "collapse",
         },
-        "loss": {"hierarchy_weights": [1.0, 0.5, 0.25]},
+        "loss": {"hierarchy_weights": [1.0, 0.8, 0.5]},
         "training": {
             "steps": steps,
             "batch_size": 32,
-            "lr": 1e-3,
+            "lr": 2e-3,
             "clip_grad": 1.0,
             "seed": 0,
             "log_frequency": 5,
             "ema_log_frequency": 25,
             "media_log_frequency": 100,
             "val_every_epochs": 2,
+            "alert_warmup_steps": max(25, steps // 4),
             "train_images": 1024,
             "val_images": 128,
         },
-        "logging": {"experiment_name": "hjepa_demo", "log_dir": log_dir, "backends": list(backends)},
+        "logging": {
+            "experiment_name": "hjepa_demo",
+            "log_dir": str(run_dir),
+            "backends": list(backends),
+            "resume": resume,
+            "tensorboard": {"log_dir": str(parent / "tensorboard" / run_name)},
+            "mlflow": {"tracking_uri": f"sqlite:///{parent.resolve() / 'mlflow.db'}", "run_name": run_name},
+            "wandb": {"mode": "offline", "project": "hjepa_demo", "name": run_name},
+        },
     }
+
+
+def _run_name(log_dir: Path, args: argparse.Namespace) -> str:
+    """A new run's name (``<scenario>-<time>``), or the one ``--resume`` continues (default: the latest)."""
+    if args.resume is None:
+        name = args.run_name or f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (log_dir / name).exists():
+            raise SystemExit(
+                f"{log_dir / name} exists: pass --resume {name} to continue it, or another --run-name"
+            )
+        return name
+    if args.resume:
+        if not (log_dir / args.resume / CHECKPOINT).exists():
+            raise SystemExit(f"{log_dir / args.resume}: no demo run to resume there (no {CHECKPOINT})")
+        return str(args.resume)
+    runs = sorted((p for p in log_dir.glob(f"*/{CHECKPOINT}")), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit(f"{log_dir}: no demo run to resume")
+    return runs[-1].parent.name
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=800, help="training steps (default 800: about a minute)")
-    parser.add_argument("--log-dir", default="runs/hjepa_demo")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600: about a minute)")
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default="healthy",
+        help="; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()),
+    )
+    parser.add_argument("--log-dir", default="runs/hjepa_demo", help="where every demo run goes")
+    parser.add_argument("--run-name", help="this run's directory under --log-dir (default: scenario-time)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        help="continue a run (its name, default the latest) for --steps more steps, in the same runs",
+    )
     parser.add_argument(
         "--backends",
         default="jsonl,tensorboard",
@@ -215,19 +311,25 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args(argv)
+    log_dir = Path(args.log_dir)
+    run_name = _run_name(log_dir, args)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    config = default_config(args.steps, args.log_dir, backends)
+    resume = args.resume is not None
+    config = default_config(args.steps, str(log_dir), backends, args.scenario, run_name, resume)
     logging_config: Mapping[str, Any] | str = args.config or config["logging"]
-    if "wandb" in backends and not args.config:
-        logging_config = {**config["logging"], "wandb": {"mode": "offline", "project": "hjepa_demo"}}
+    checkpoint = log_dir / run_name / CHECKPOINT
     trainer = HJEPATrainer(config, logging_config, progress=not args.no_progress)
+    if resume:
+        trainer.load(checkpoint)
     with trainer.logger:
         validation = trainer.train()
-    print("\nlogs:")
+        trainer.save(checkpoint)
+    print()
+    print(health_verdict(trainer.logger.monitor) if trainer.logger.monitor else "alerts were off")
+    print(f"\nrun {run_name!r} in {log_dir / run_name}; look at it with:")
     for where in trainer.logger.writer.locations():
         print(f"  {where}")
-    if trainer.logger.alerts:
-        print(f"alerts: {len(trainer.logger.alerts)} (first: {trainer.logger.alerts[0]})")
+    print(f"\ncontinue it: hjepa-metrics demo --resume {run_name} --log-dir {log_dir}")
     return validation
 
 

@@ -12,7 +12,9 @@ from . import registry
 log = logging.getLogger("hjepa_metrics.alerts")
 
 DEFAULT_REPEAT_INTERVAL = 100
+FEATURE_DIM = "collapse/level{level}_feature_dim"
 DEFAULT_MAX_KEPT = 1000
+CONFIG_KEY = "hjepa_metrics"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class AlertMonitor:
     that stayed in range for ``repeat_interval`` steps is a new event: reported at once, interval
     reset. ``repeat_interval=0`` reports every crossing. A report goes to ``logging`` (warning), to
     ``on_alert`` and to :attr:`fired`, which keeps the last ``max_kept``; :attr:`crossings` counts
-    every crossing per tag.
+    every crossing per tag. Nothing is checked before ``warmup_steps`` (an untrained model predicts
+    poorly and clips often at first); a value still out of range then is reported at that step.
     """
 
     def __init__(
@@ -55,11 +58,15 @@ class AlertMonitor:
         log_alerts: bool = True,
         repeat_interval: int = DEFAULT_REPEAT_INTERVAL,
         max_kept: int = DEFAULT_MAX_KEPT,
+        warmup_steps: int = 0,
     ) -> None:
         if repeat_interval < 0:
             raise ValueError(f"repeat_interval: got {repeat_interval}; expected steps >= 0")
         if max_kept < 1:
             raise ValueError(f"max_kept: got {max_kept}; expected >= 1")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps: got {warmup_steps}; expected steps >= 0")
+        self.warmup_steps = warmup_steps
         self.num_hierarchies = num_hierarchies
         self.log_alerts = log_alerts
         self.on_alert = on_alert
@@ -68,9 +75,19 @@ class AlertMonitor:
         self.crossings: Counter[str] = Counter()
         self.active: set[str] = set()
         self._feature_dims: dict[int, int] = {}
+        self.last: dict[str, tuple[int, float]] = {}  # tag with a rule -> (step, value) last checked
         self._reported: dict[str, tuple[int, int]] = {}  # tag -> (step of its last report, interval)
         self._recovered_at: dict[str, int] = {}
         self._unreported: Counter[str] = Counter()
+
+    def settings(self) -> dict[str, int]:
+        """What decides when this monitor reports, as the logger writes it into the run's config (key
+        ``hjepa_metrics.alerts``), so that ``hjepa-metrics report`` judges the run as it was judged live."""
+        return {
+            "num_hierarchies": self.num_hierarchies,
+            "warmup_steps": self.warmup_steps,
+            "repeat_interval": self.repeat_interval,
+        }
 
     def set_feature_dim(self, level: int, dim: int) -> None:
         """The feature width D of ``level``, for rules that scale with it (effective rank)."""
@@ -78,6 +95,12 @@ class AlertMonitor:
 
     def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
         """New reports among ``metrics`` (full tags, prefixes allowed)."""
+        for tag, value in metrics.items():  # the widths that scaled thresholds need come first
+            match = registry.lookup(tag)
+            if match is not None and match.spec.template == FEATURE_DIM and match.level is not None:
+                self.set_feature_dim(match.level, int(value))
+        if step < self.warmup_steps:  # an untrained model is far from every threshold: not news
+            return []
         new = []
         for tag, value in metrics.items():
             match = registry.lookup(tag)
@@ -85,6 +108,7 @@ class AlertMonitor:
                 continue
             rule = match.spec.alert
             level, n = match.level, self.num_hierarchies
+            self.last[tag] = (step, float(value))
             dim = self._feature_dims.get(level) if level is not None else None
             if rule.fires(value, level=level, num_hierarchies=n, dim=dim):
                 if tag not in self.active:
@@ -120,3 +144,60 @@ class AlertMonitor:
                 return None
             self._reported[tag] = (step, min(2 * interval, 1 << 40))
         return Alert(tag, step, value, rule, self._unreported.pop(tag, 0))
+
+
+def saved_settings(config: Mapping[str, object]) -> dict[str, int]:
+    """The :meth:`AlertMonitor.settings` a logger wrote into a run's ``config`` (empty if none)."""
+    section = config.get(CONFIG_KEY)
+    saved = section.get("alerts") if isinstance(section, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return {}
+    keys = ("num_hierarchies", "warmup_steps", "repeat_interval")
+    return {k: v for k, v in saved.items() if k in keys and isinstance(v, int) and not isinstance(v, bool)}
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    """How a run looks by the guide's thresholds: ``status`` is ``"healthy"`` (nothing out of range at the
+    end; alerts during the run, if any, all recovered), ``"warning"`` (a rule still crossed at the end) or
+    ``"collapse"`` (a collapse rule still crossed at the end); ``lines`` explain it."""
+
+    status: str
+    lines: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def health_verdict(monitor: AlertMonitor) -> HealthVerdict:
+    """The verdict on everything ``monitor`` has checked so far (see :class:`HealthVerdict`)."""
+
+    def value(tag: str) -> str:
+        step, v = monitor.last[tag]
+        return f"{tag} = {v:.4g} at step {step}"
+
+    still = sorted(monitor.active)
+    collapsed = [t for t in still if (m := registry.lookup(t)) is not None and m.spec.group == "collapse"]
+    reported = sorted({a.tag for a in monitor.fired})
+    recovered = [t for t in reported if t not in monitor.active]
+    if collapsed:
+        status, head = (
+            "collapse",
+            f"Health: COLLAPSE: {len(collapsed)} collapse rule(s) still crossed at the end",
+        )
+    elif still:
+        status, head = "warning", f"Health: WARNING: {len(still)} rule(s) still crossed at the end"
+    else:
+        status = "healthy"
+        head = "Health: HEALTHY: no guide threshold is crossed at the end" + (
+            f"; {len(recovered)} tag(s) crossed one during the run and came back"
+            if recovered
+            else "; no alert fired"
+        )
+    lines = [head]
+    lines += [f"  still crossed: {value(t)}" for t in still]
+    first: dict[str, int] = {}
+    for alert in monitor.fired:
+        first.setdefault(alert.tag, alert.step)
+    lines += [f"  crossed at step {first[t]}, back in range: {value(t)}" for t in recovered]
+    return HealthVerdict(status, tuple(lines))

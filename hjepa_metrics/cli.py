@@ -8,9 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from writers import available_backends
+from writers import RecordError, available_backends
 from writers.backends import backends_markdown
 
 from . import registry
@@ -114,18 +113,52 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from writers import build_writers
+    from writers.config import config_from_env, load_config
 
-    from .replay import replay, scan_run
+    from .replay import DestinationError, destination_config, replay, scan_run, skipped_records
 
-    contents = scan_run(args.run)  # a bad run is refused before any backend is touched
-    config: Any = args.config or {"backends": [args.to], "log_dir": args.log_dir, "background": False}
-    writer = build_writers(config)
+    contents = scan_run(args.run, args.run_number)  # a bad run is refused before any backend is touched
+    config = destination_config(
+        contents,
+        to=[b.strip() for b in args.to.split(",") if b.strip()] if args.to else None,
+        log_dir=args.log_dir,
+        run_name=args.run_name,
+        experiment_name=args.experiment_name,
+        tracking_uri=args.tracking_uri,
+        project=args.project,
+        mode=args.mode,
+        resume=args.resume,
+        base=load_config(args.config) if args.config else config_from_env(os.environ),
+    )
+    destination = Path(config["log_dir"])
+    if not config["resume"] and destination.is_dir() and any(destination.iterdir()):
+        raise FileExistsError(
+            f"{destination} already holds a run; pass --resume to continue it (steps already there are "
+            "skipped) or choose another --log-dir"
+        )
+    backends = ", ".join(config["backends"])
+    try:
+        writer = build_writers(config)
+    except (ImportError, ValueError, TypeError):
+        raise
+    except Exception as exc:  # W&B not logged in, a server down: one line, exit 1
+        raise DestinationError(f"could not open {backends}: {type(exc).__name__}: {exc}") from exc
     try:
         counts = replay(contents, writer, num_hierarchies=args.num_hierarchies)
-    finally:
         writer.close()
+    except RecordError:
+        writer.close(failed=True)
+        raise
+    except Exception as exc:
+        writer.close(failed=True)
+        raise DestinationError(f"writing to {backends} failed: {type(exc).__name__}: {exc}") from exc
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    print(f"replayed {sum(counts.values())} records ({kinds})")
+    print(f"replayed {sum(counts.values())} records of {contents.path} ({kinds}) to {backends}")
+    for name, skipped in sorted(skipped_records(writer).items()):
+        print(f"  {name}: {skipped} scalar records skipped, their steps were already there")
+    print("look at it with:")
+    for where in writer.locations():
+        print(f"  {where}")
     return 0
 
 
@@ -145,7 +178,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     out = args.out or str(Path(args.run).with_suffix("")) + "_report"
-    report = build_report(args.run, out, num_hierarchies=args.num_hierarchies)
+    report = build_report(args.run, out, num_hierarchies=args.num_hierarchies, run=args.run_number)
     print(report.text())
     return 0
 
@@ -180,9 +213,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_replay = sub.add_parser("replay", help="send a JSONL run into TensorBoard, MLflow, W&B or JSONL")
     p_replay.add_argument("run", help="a metrics.jsonl file or the directory holding it")
-    p_replay.add_argument("--to", choices=sorted(available_backends()), default="tensorboard")
-    p_replay.add_argument("--log-dir", default="runs/replay")
-    p_replay.add_argument("--config", help="a YAML/JSON logging config instead of --to/--log-dir")
+    p_replay.add_argument(
+        "--to",
+        help=f"backends, comma-separated, of {', '.join(sorted(available_backends()))} "
+        "(default: HJEPA_METRICS_BACKENDS, else tensorboard)",
+    )
+    p_replay.add_argument("--log-dir", help="where the replay goes (default runs/replay/<run name>)")
+    p_replay.add_argument("--run-name", help="the replayed run's name (default: the run directory's name)")
+    p_replay.add_argument("--experiment-name", help="MLflow experiment (default hjepa)")
+    p_replay.add_argument(
+        "--tracking-uri",
+        help="MLflow server or store (default: MLFLOW_TRACKING_URI, else sqlite in --log-dir)",
+    )
+    p_replay.add_argument("--project", help="W&B project (default: WANDB_PROJECT, else the experiment name)")
+    p_replay.add_argument(
+        "--mode", choices=("online", "offline"), help="W&B mode (default: WANDB_MODE, else online)"
+    )
+    p_replay.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a replay already in --log-dir: steps already there are skipped",
+    )
+    p_replay.add_argument(
+        "--run", dest="run_number", type=int, help="which run of a file that holds several (1 = first)"
+    )
+    p_replay.add_argument(
+        "--config",
+        help="a YAML/JSON logging config (default: HJEPA_METRICS_* variables); the options above override it",
+    )
     p_replay.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
     p_replay.set_defaults(func=_cmd_replay)
 
@@ -192,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("run", help="a metrics.jsonl file or the directory holding it")
     p_report.add_argument("--out", help="output folder (default: next to the run, <run>_report)")
     p_report.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
+    p_report.add_argument(
+        "--run", dest="run_number", type=int, help="which run of a file that holds several (1 = first)"
+    )
     p_report.set_defaults(func=_cmd_report)
 
     p_backends = sub.add_parser("backends", help="list the backends, their extras and what they write")
@@ -221,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `hjepa-metrics tags | head`
         sys.stderr.close()
         return 0
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
         # bad input (a missing or malformed run, a missing extra): one line, not a traceback
         if os.environ.get("HJEPA_METRICS_TRACEBACK"):
             raise

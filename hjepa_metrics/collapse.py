@@ -185,6 +185,8 @@ class CollapseAccumulator:
         raw: RawValues = dict.fromkeys((tag + n for n in names), math.nan)
         assert self.nonfinite_rows is not None
         raw[f"health/collapse_level{level}_nonfinite"] = self.nonfinite_rows
+        # the width the effective-rank threshold scales with, so a report judges as the logger did
+        raw[tag + "feature_dim"] = float(self.gram.shape[0])
         mean = self.row_sum / m
         centered = torch.addr(self.gram, mean, mean, alpha=-m)  # G − M·μμᵀ, one D×D temporary
         raw[tag + "effective_rank"] = effective_rank_from_gram(centered, self.sq_norm_sum)

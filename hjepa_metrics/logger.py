@@ -18,12 +18,12 @@ from writers import Writer, writer_from
 from ._params import NamedTensors
 from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor
 from .accumulator import RankReduce, Reduction
-from .alerts import Alert, AlertMonitor
+from .alerts import CONFIG_KEY, Alert, AlertMonitor
 from .collapse import CollapseAccumulator
 from .ema import EMAAccumulator
 from .gradients import ClippingAccumulator, GradientFlowAccumulator
 from .hierarchy import HierarchyAccumulator
-from .layout import guide_layout
+from .layout import dashboard_layout, guide_layout
 from .learning_rate import group_learning_rates, with_base_lr
 from .losses import checked_weights, hierarchical_losses, loss_inputs
 from .masking import MaskingAccumulator
@@ -49,7 +49,9 @@ class HJEPAMetricsLogger(MetricRouter):
 
     Every ``log_*`` method takes ``global_step`` (default: the last step logged) and ``prefix``
     (default ``"train/"``; ``"val/"`` for validation) and returns the dict it wrote, tags prefixed.
-    The custom-scalars layout is written once at construction; alerts from the guide's thresholds
+    The custom-scalars layout is written once at construction: ``layout="dashboard"`` (default) is the
+    guide's charts for this machine (no CUDA memory chart off CUDA, one unit per chart, ``val/`` curves
+    beside ``train/`` ones), ``"guide"`` the guide's exact file. Alerts from the guide's thresholds
     are reported through ``logging`` once per crossing, rate-limited per tag, and the last ones kept
     in :attr:`alerts` (``alerts=False`` turns them off; an :class:`AlertMonitor` sets the limits).
 
@@ -76,6 +78,7 @@ class HJEPAMetricsLogger(MetricRouter):
         on_alert: Callable[[Alert], None] | None = None,
         loss_history_size: int = 1000,
         write_layout: bool = True,
+        layout: str = "dashboard",
         per_parameter_gradients: bool = False,
         max_similarity_rows: int = 1024,
         distributed: bool = True,
@@ -104,9 +107,17 @@ class HJEPAMetricsLogger(MetricRouter):
         self.max_similarity_rows = max_similarity_rows
         self.losses = LossHistory(loss_history_size)
         self.clipping = ClippingAccumulator()
+        if layout not in ("dashboard", "guide"):
+            raise ValueError(f"layout: got {layout!r}; expected 'dashboard' or 'guide'")
         if write_layout:
-            self.writer.log_layout(guide_layout(num_hierarchies, prefix=prefix))
+            self.writer.log_layout(
+                guide_layout(num_hierarchies, prefix=prefix)
+                if layout == "guide"
+                else dashboard_layout(num_hierarchies, prefix, cuda=torch.cuda.is_available())
+            )
         self.writer.define_summaries(summary_kinds(num_hierarchies, prefix))
+        if self.monitor is not None:  # so that `hjepa-metrics report` judges the run as it was judged live
+            self.writer.log_config({CONFIG_KEY: {"alerts": self.monitor.settings()}})
 
     @property
     def loss_history(self) -> deque[float]:

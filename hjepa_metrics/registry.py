@@ -135,6 +135,12 @@ class TagSpec:
     aliases: tuple[str, ...] = ()
     formula: str = ""
     healthy: str = ""
+    cuda_only: bool = False  # measured on CUDA devices only: no chart for it on a CPU run
+
+    @property
+    def validated(self) -> bool:
+        """Whether validation logs this tag too (under its own prefix, ``val/``)."""
+        return self.group in VALIDATION_GROUPS
 
     @property
     def per_level(self) -> bool:
@@ -182,6 +188,9 @@ def _template_pattern(template: str) -> re.Pattern[str]:
             regex += rf"(?P<{name}>.+?)"
     return re.compile(regex + "$")
 
+
+# the groups that ``HJEPAMetricsLogger.validation`` logs
+VALIDATION_GROUPS = ("prediction", "collapse")
 
 _COLLAPSE = "collapse! (increase LR, reduce EMA momentum, check augmentation and masking)"
 _LEVEL_SCALE = "Level {level} ({scale})"
@@ -296,6 +305,13 @@ REGISTRY: tuple[TagSpec, ...] = (
         alert=AlertRule("dimensional collapse", below=100.0, reference_dim=768),
         aliases=("collapse/effective_rank",),
         formula="exp(−Σ p_k log p_k), p = σ/Σσ, σ² = eig(Ûcᵀ Ûc) in float64, Ûc centered",
+    ),
+    TagSpec(
+        "collapse/level{level}_feature_dim",
+        "collapse",
+        "dims",
+        "Width D of the level {level} features (the effective-rank threshold scales with it)",
+        formula="D",
     ),
     TagSpec(
         "collapse/level{level}_mean_similarity",
@@ -556,6 +572,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "CUDA memory allocated by tensors",
         "Performance",
         formula="torch.cuda.memory_allocated / 1e9",
+        cuda_only=True,
     ),
     TagSpec(
         "performance/gpu_memory_reserved_gb",
@@ -563,6 +580,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "GB",
         "CUDA memory reserved by the allocator",
         formula="torch.cuda.memory_reserved / 1e9",
+        cuda_only=True,
     ),
     TagSpec(
         "performance/peak_memory_gb",
@@ -570,6 +588,7 @@ REGISTRY: tuple[TagSpec, ...] = (
         "GB",
         "Peak CUDA memory allocated",
         formula="torch.cuda.max_memory_allocated / 1e9",
+        cuda_only=True,
     ),
     # --- hierarchy
     TagSpec(

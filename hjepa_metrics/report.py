@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from writers import RecordError, read_jsonl
-from writers.records import run_file
+from writers import RecordError, iter_jsonl
+from writers.records import one_run, run_file
 
 from . import registry
-from .alerts import Alert, AlertMonitor
-from .layout import layout_tree
+from .alerts import DEFAULT_REPEAT_INTERVAL, FEATURE_DIM, Alert, AlertMonitor, saved_settings
+from .layout import dashboard_tree
 from .replay import levels_in
 
 
@@ -58,8 +58,12 @@ def _fires_at_end(series: dict[str, tuple[np.ndarray, np.ndarray]], tag: str, n:
     value = _last(series, tag)
     if match is None or match.spec.alert is None or value is None:
         return None
-    if match.spec.alert.fires(value, level=match.level, num_hierarchies=n):
-        return f"{tag} = {value:.3g} ({match.spec.alert.describe(level=match.level)})"
+    level, rule = match.level, match.spec.alert
+    prefix = tag[: len(tag) - len(registry.strip_prefix(tag))]
+    dim = _last(series, prefix + FEATURE_DIM.format(level=level)) if level is not None else None
+    width = int(dim) if dim is not None else None
+    if rule.fires(value, level=level, num_hierarchies=n, dim=width):
+        return f"{tag} = {value:.3g} ({rule.describe(level=level, dim=width)})"
     return None
 
 
@@ -114,34 +118,60 @@ def summarize(
     return lines
 
 
+def _spec_unit(tag: str) -> str:
+    match = registry.lookup(tag)
+    return match.spec.unit if match is not None else ""
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def build_report(
-    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, num_hierarchies: int | None = None
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    num_hierarchies: int | None = None,
+    run: int | None = None,
 ) -> Report:
-    """Write ``NN_<category>.png`` per guide dashboard category and ``report.md`` into ``out_dir``."""
+    """Write ``NN_<category>.png`` per guide dashboard category and ``report.md`` into ``out_dir``.
+
+    Alerts are checked as the logger checked them live, with the settings it saved in the run's config
+    (warm-up, rate limit, levels). A file holding several training runs (steps restarting) is refused
+    unless ``run`` picks one (from 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(path)
+    records = list(one_run(path, iter_jsonl(path), run))
     series = _series(records)
     if not series:
         raise RecordError(f"{run_file(path)}: no scalar records; nothing to report")
-    n = num_hierarchies or levels_in(series)
+    config: dict[str, Any] = {}
+    for r in records:
+        if r.get("kind") == "config":
+            config.update(r["config"])
+    settings = {"num_hierarchies": levels_in(series), **saved_settings(config)}
+    if num_hierarchies:
+        settings["num_hierarchies"] = num_hierarchies
+    n = settings["num_hierarchies"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
-    monitor = AlertMonitor(num_hierarchies=n, log_alerts=False)
+    monitor = AlertMonitor(
+        num_hierarchies=n,
+        log_alerts=False,
+        warmup_steps=settings.get("warmup_steps", 0),
+        repeat_interval=settings.get("repeat_interval", DEFAULT_REPEAT_INTERVAL),
+    )
     for r in records:
         if "metrics" in r:
             monitor.check(r["metrics"], r["step"])
     report.alerts = list(monitor.fired)
+    cuda = any((m := registry.lookup(t)) is not None and m.spec.cuda_only for t in series)
 
-    for index, (category, charts) in enumerate(layout_tree(n), start=1):
+    for index, (category, charts) in enumerate(dashboard_tree(n, cuda=cuda), start=1):
         # one panel per tag (train solid, val dashed): the guide's charts mix scales (rank next to std)
         panels = [(title, tag) for title, tags in charts for tag in tags]
         cols = min(4, len(panels))
@@ -160,8 +190,9 @@ def build_report(
                 if alert.tag in (f"train/{tag}", f"val/{tag}"):
                     ax.axvline(alert.step, color="red", alpha=0.25, linewidth=1)
             name = tag.split("/", 1)[-1]
-            ax.set_title(f"{title}: {name}" if title else name, fontsize=8)
+            ax.set_title(name if title == tag else f"{title}: {name}", fontsize=8)
             ax.set_xlabel("step", fontsize=7)
+            ax.set_ylabel(_spec_unit(tag), fontsize=7)
             ax.tick_params(labelsize=7)
             if drawn:
                 ax.legend(fontsize=6)

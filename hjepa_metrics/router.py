@@ -18,7 +18,6 @@ from writers.base import exit_failed
 from ._tensor import ArrayLike, to_host
 from .accumulator import Accumulator
 from .alerts import Alert, AlertMonitor
-from .collapse import CollapseAccumulator
 from .distributed import COLLECTIVE_WARNING_SECONDS, rank_and_world, reduce_accumulators
 
 _R = TypeVar("_R", bound="MetricRouter")
@@ -94,8 +93,6 @@ class MetricRouter:
         raw: dict[str, torch.Tensor | float] = {}
         for acc in accumulators:
             raw.update(acc.compute())
-            if self.monitor is not None and isinstance(acc, CollapseAccumulator) and acc.dim is not None:
-                self.monitor.set_feature_dim(acc.level, acc.dim)
         values = to_host(raw)
         return self.emit(then(values) if then is not None else values, global_step, prefix)
 

@@ -41,7 +41,7 @@ def test_accelerate_launch_two_processes(tmp_path: Path) -> None:
     # each process saw the real world size: building the tracker first did not fix Accelerate's state
     assert [(tmp_path / f"world.rank{r}.txt").read_text() for r in range(2)] == ["2", "2"]
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["metrics.jsonl"]
-    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list((tmp_path / "tensorboard" / "hjepa").glob("events.out.tfevents.*"))) == 1
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     from mlflow.tracking import MlflowClient
 

@@ -23,8 +23,20 @@ def test_every_tag_of_a_full_demo_run_is_in_the_registry(tmp_path: Path) -> None
     from hjepa_metrics.examples import train_hjepa
 
     # 26 steps: losses ... EMA (steps 0 and 25), media at step 0, validation twice
-    train_hjepa.main(["--steps", "26", "--log-dir", str(tmp_path), "--backends", "jsonl", "--no-progress"])
-    records = read_jsonl(tmp_path / "metrics.jsonl")
+    train_hjepa.main(
+        [
+            "--steps",
+            "26",
+            "--log-dir",
+            str(tmp_path),
+            "--backends",
+            "jsonl",
+            "--no-progress",
+            "--run-name",
+            "r",
+        ]
+    )
+    records = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     emitted = {t for r in records for t in r.get("metrics", {})}
     emitted |= {r["tag"] for r in records if r.get("kind") in ("histogram", "image")}
     assert len(emitted) > 100

@@ -33,6 +33,7 @@ def brute_force(x: np.ndarray) -> dict[str, float]:
         TAG + "std_similarity": pairs.std(ddof=1),
         TAG + "max_similarity": pairs.max(),
         "health/collapse_level0_nonfinite": float((~np.isfinite(x).all(axis=1)).sum()),
+        TAG + "feature_dim": float(x.shape[1]),
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -49,6 +51,8 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
             "--backends",
             "jsonl,tensorboard,mlflow,wandb",
             "--no-progress",
+            "--run-name",
+            "demo",
         ]
     )
     assert validation and all(k.startswith("val/") for k in validation)
@@ -58,7 +62,7 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
     }
 
     # JSONL
-    records = read_jsonl(tmp_path / "metrics.jsonl")
+    records = read_jsonl(tmp_path / "demo" / "metrics.jsonl")
     jsonl_tags = {t for r in records if "metrics" in r for t in r["metrics"]}
     assert expected <= jsonl_tags, sorted(expected - jsonl_tags)
     assert val_expected <= jsonl_tags, sorted(val_expected - jsonl_tags)
@@ -68,7 +72,7 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
     # TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "demo"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     tb_tags = set(acc.Tags()["scalars"])
     assert expected | val_expected <= tb_tags, sorted((expected | val_expected) - tb_tags)
@@ -81,6 +85,7 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("hjepa_demo").experiment_id])[0]
+    assert run.info.run_name == "demo"
     assert run.info.status == "FINISHED"
     assert expected | val_expected <= set(run.data.metrics), sorted(
         (expected | val_expected) - set(run.data.metrics)
@@ -88,11 +93,13 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss/total")] == loss_steps
 
     # W&B
-    rows = wandb_reader.history(tmp_path)
+    rows = wandb_reader.history(tmp_path / "demo")
     wandb_tags = {k for row in rows for k in row}
     assert expected | val_expected <= wandb_tags, sorted((expected | val_expected) - wandb_tags)
     assert [r["global_step"] for r in rows if "train/loss/total" in r] == loss_steps
-    summaries = wandb_reader.metric_summaries(tmp_path)  # define_metric from the registry's alert rules
+    summaries = wandb_reader.metric_summaries(
+        tmp_path / "demo"
+    )  # define_metric from the registry's alert rules
     assert summaries["train/loss/total"] == {"min"}
     assert summaries["train/collapse/level2_effective_rank"] == {"min"}
     assert summaries["train/collapse/level0_mean_similarity"] == {"max"}
@@ -105,13 +112,84 @@ def test_example_with_all_four_backends(tmp_path: Path) -> None:
     assert [r["train/loss/total"] for r in rows if "train/loss/total" in r] == jsonl_loss
 
 
-def test_cli_demo_runs_the_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hjepa_metrics.cli import main
+def _demo(tmp_path: Path, *args: str) -> str:
+    """``hjepa-metrics demo`` as a user types it; its printed output."""
+    import subprocess
+    import sys
 
-    assert main(["demo", "--steps", "3", "--log-dir", str(tmp_path), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out
-    assert read_jsonl(tmp_path / "metrics.jsonl")
+    cmd = [sys.executable, "-m", "hjepa_metrics.cli", "demo", "--log-dir", str(tmp_path), "--no-progress"]
+    done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_each_demo_invocation_is_its_own_run_and_resume_continues_one(tmp_path: Path) -> None:
+    first = _demo(tmp_path, "--steps", "12", "--run-name", "a")
+    second = _demo(tmp_path, "--steps", "12")  # default name: scenario-time
+    runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.jsonl"))
+    assert len(runs) == 2 and runs[0] == "a" and runs[1].startswith("healthy-"), runs
+    for name in runs:  # each file holds one run: steps 0..10 once
+        steps = [
+            r["step"]
+            for r in read_jsonl(tmp_path / name / "metrics.jsonl")
+            if "train/loss/total" in r.get("metrics", {})
+        ]
+        assert steps == [0, 5, 10], (name, steps)
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == runs
+    # the printed commands name this run and where to look
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in first
+    assert f"hjepa-metrics report {tmp_path / 'a' / 'metrics.jsonl'}" in first
+    assert f"hjepa-metrics demo --resume a --log-dir {tmp_path}" in first
+    assert "Health: " in first and "Health: " in second
+    # the same name again is refused; --resume continues the run where it stopped
+    cmd = [sys.executable, "-m", "hjepa_metrics.cli", "demo", "--log-dir", str(tmp_path), "--run-name", "a"]
+    refused = subprocess.run(
+        [*cmd, "--steps", "2", "--no-progress"], capture_output=True, text=True, check=False
+    )
+    assert refused.returncode != 0 and "--resume a" in refused.stderr
+    _demo(tmp_path, "--steps", "10", "--resume", "a")
+    steps = [
+        r["step"]
+        for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")
+        if "train/loss/total" in r.get("metrics", {})
+    ]
+    assert steps == [0, 5, 10, 15, 20]
+    report = subprocess.run(
+        [sys.executable, "-m", "hjepa_metrics.cli", "report", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "several runs" not in report.stdout
+
+
+def test_collapse_scenario_is_caught_live_and_by_the_report(tmp_path: Path) -> None:
+    out = _demo(
+        tmp_path, "--steps", "150", "--scenario", "collapse", "--run-name", "c", "--backends", "jsonl"
+    )
+    assert "Health: COLLAPSE" in out, out[-3000:]
+    live = re.findall(r"alert: (\S+) = ", out)
+    assert any(t.startswith("train/collapse/") for t in live), live
+    report = subprocess.run(
+        [sys.executable, "-m", "hjepa_metrics.cli", "report", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "Collapse risk: HIGH" in report.stdout
+    # the report judges with the settings the run used: the same alerts as were printed live
+    reported = re.findall(r"  - (\S+) = .* at step (\d+)", report.stdout)
+    printed = re.findall(r"alert: (\S+) = .* at step (\d+)", out)
+    assert reported == printed
+
+
+def test_healthy_demo_fires_no_unexplained_alert(tmp_path: Path) -> None:
+    out = _demo(tmp_path, "--steps", "300", "--run-name", "h", "--backends", "jsonl")
+    assert "Health: HEALTHY" in out, out[-3000:]
+    for tag in re.findall(r"alert: (\S+) = ", out):  # every alert during the run is in the verdict
+        assert f"back in range: {tag} =" in out, tag
 
 
 # --- the guide's snippets ------------------------------------------------------------------

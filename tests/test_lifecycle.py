@@ -46,7 +46,7 @@ def _readback(log_dir: Path, tag: str = "train/loss") -> dict[str, object]:
         "jsonl": [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if tag in r.get("metrics", {})]
     }
     if (log_dir / "tensorboard").exists():
-        acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
+        acc = EventAccumulator(str(log_dir / "tensorboard" / "hjepa"), size_guidance={"scalars": 0})
         acc.Reload()
         got["tensorboard"] = [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
     if (log_dir / "mlflow_run_id").exists():

@@ -212,7 +212,11 @@ def test_guide_constructor_with_a_writer(tmp_path: Path) -> None:
         logger.log_learning_rate(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.25), global_step=1)
     records = read_jsonl(tmp_path)
     assert records[0]["kind"] == "layout"
-    assert records[1]["metrics"] == {
+    # the alert settings, so that `hjepa-metrics report` judges the run as the logger did
+    assert records[1]["config"] == {
+        "hjepa_metrics": {"alerts": {"num_hierarchies": 3, "warmup_steps": 0, "repeat_interval": 100}}
+    }
+    assert records[2]["metrics"] == {
         "train/learning_rate/base_lr": 0.25,
         "train/learning_rate/param_group_0": 0.25,
     }

@@ -60,7 +60,7 @@ def _steps(backend: str, log_dir: Path) -> list[int]:
         return [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if "metrics" in r]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(log_dir / "tensorboard" / "hjepa"), size_guidance={"scalars": 0})
     acc.Reload()
     return [e.step for e in acc.Scalars("train/loss")]
 

@@ -95,7 +95,7 @@ def test_all_ranks_gives_each_rank_its_own_file_and_run(tmp_path: Path) -> None:
     writer.log_scalars({"train/loss": 0.5}, 3)
     writer.close()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.rank1.jsonl")] == [3]
-    assert list((tmp_path / "tensorboard" / "rank1").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tensorboard" / "hjepa" / "rank1").glob("events.out.tfevents.*"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'rank1' / 'mlflow.db'}")
     run = client.get_run((tmp_path / "rank1" / "mlflow_run_id").read_text().strip())
     assert run.info.run_name == "hjepa-rank1" and run.data.metrics == {"train/loss": 0.5}

@@ -58,7 +58,7 @@ def test_resume_appends_without_duplicates_in_every_backend(tmp_path: Path) -> N
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "hjepa"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == expected
 

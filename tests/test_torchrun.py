@@ -49,8 +49,8 @@ def test_torchrun_writes_one_run_per_backend_with_global_values(tmp_path: Path, 
 
     # one of each: no rank but 0 opened anything
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["metrics.jsonl"]
-    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert [p for p in (tmp_path / "tensorboard").iterdir() if p.is_dir()] == []
+    assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == ["hjepa"]  # one run, named
+    assert len(list((tmp_path / "tensorboard" / "hjepa").glob("events.out.tfevents.*"))) == 1
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")

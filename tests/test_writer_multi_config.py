@@ -85,7 +85,7 @@ def test_four_backends_at_once_with_one_failing_mid_run(
     assert [r["step"] for r in jsonl] == steps
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "fanout"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss/total")] == steps
     assert [r["global_step"] for r in wandb_reader.history(tmp_path)] == steps
@@ -144,7 +144,7 @@ def test_dict_yaml_and_environment_select_the_same_writers(tmp_path: Path) -> No
         built.append(_describe(w))
         w.close()
     assert built[0] == [
-        ("tensorboard", str(tmp_path / "tensorboard")),
+        ("tensorboard", str(tmp_path / "tensorboard" / "e")),
         ("jsonl", str(tmp_path / "metrics.jsonl")),
     ]
     assert all(b == built[0] for b in built)

@@ -93,7 +93,8 @@ class JSONLWriter(BaseWriter):
         super().__init__()
 
     def locations(self) -> list[Location]:
-        return [Location("JSONL", str(self.path.resolve()), "writers.read_jsonl")]
+        # the report draws the guide's dashboard from the file; writers.read_jsonl reads it in Python
+        return [Location("JSONL", str(self.path), f"hjepa-metrics report {self.path}")]
 
     # -- records
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:

@@ -94,8 +94,9 @@ class KeyMapper:
 
 
 class MLflowWriter(BaseWriter):
-    """Logs to an MLflow run. Default store: ``sqlite:///<logdir>/mlflow.db`` with artifacts in
-    ``<logdir>/mlartifacts``; any tracking URI works (a server included).
+    """Logs to an MLflow run. Store: ``tracking_uri``, else ``MLFLOW_TRACKING_URI`` as MLflow itself
+    reads it, else ``sqlite:///<logdir>/mlflow.db``; any tracking URI works (a server included), and a
+    new experiment in a sqlite store keeps its artifacts in ``mlartifacts`` beside the database.
 
     Metrics are buffered and sent with ``log_batch`` (≤ 1000 per call) when the buffer is full, on
     ``flush()`` and at most ``flush_interval`` seconds after they were logged; a batch that fails (a
@@ -145,10 +146,12 @@ class MLflowWriter(BaseWriter):
             root = root / suffix
             run_name = f"{run_name or experiment_name}-{suffix}"
         root.mkdir(parents=True, exist_ok=True)
+        tracking_uri = (
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        )
         artifact_location = None
-        if tracking_uri is None:
-            tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-            artifact_location = (root / "mlartifacts").as_uri()
+        if tracking_uri.startswith("sqlite:///"):  # artifacts beside the store, not in the working directory
+            artifact_location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         id_file = root / RUN_ID_FILE

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -130,3 +130,49 @@ def safe_relative_path(path: Any, where: str) -> str:
 def scalar_series(records: list[dict[str, Any]], tag: str) -> list[tuple[int, float]]:
     """``[(step, value), ...]`` of one tag across the scalar records, in file order."""
     return [(r["step"], r["metrics"][tag]) for r in records if "metrics" in r and tag in r["metrics"]]
+
+
+def numbered_runs(records: Iterable[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(run, record)`` pairs, ``run`` counted from 1: a new training run starts where the step goes
+    back (a second training appended to the same file). Records without a step (config, layout) go
+    with the run of the steps that follow them, as a training writes them before its first step."""
+    run, last = 0, None
+    pending: list[dict[str, Any]] = []
+    for record in records:
+        step = record.get("step")
+        if not isinstance(step, int):
+            pending.append(record)
+            continue
+        if last is None or step < last:
+            run += 1
+        last = step
+        for held in pending:
+            yield run, held
+        pending.clear()
+        yield run, record
+    for held in pending:
+        yield max(run, 1), held
+
+
+def one_run(
+    path: str | os.PathLike[str], records: Iterable[dict[str, Any]], run: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The records of run number ``run`` (from 1) of a file, or of its only run when ``run`` is ``None``;
+    a file that holds several runs with no ``run`` chosen raises a :class:`RecordError` that says so
+    (records streamed: memory flat in the file's length)."""
+    runs, reached = 0, None
+    for number, record in numbered_runs(records):
+        step = record.get("step")
+        runs = max(runs, number)
+        if run is None and number > 1 and isinstance(step, int):
+            raise RecordError(
+                f"{run_file(path)}: holds several training runs (steps restart at {step} after "
+                f"reaching {reached}: a second training wrote to the same file); choose one with "
+                "--run N (1 = the first), or give each training its own log_dir"
+            )
+        if isinstance(step, int):
+            reached = step
+        if run is None or number == run:
+            yield record
+    if run is not None and not 1 <= run <= runs:
+        raise RecordError(f"{run_file(path)}: --run {run}: the file holds {runs} run(s)")

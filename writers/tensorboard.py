@@ -40,6 +40,7 @@ def _protos() -> Any:
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
         from tensorboard.plugins.custom_scalar import layout_pb2
+        from tensorboard.plugins.hparams import api_pb2 as hparams_api_pb2
         from tensorboard.plugins.hparams import metadata as hparams_metadata
         from tensorboard.plugins.hparams import plugin_data_pb2
     except ImportError as exc:
@@ -52,6 +53,7 @@ def _protos() -> Any:
         types_pb2=types_pb2,
         layout_pb2=layout_pb2,
         hparams_metadata=hparams_metadata,
+        hparams_api_pb2=hparams_api_pb2,
         plugin_data_pb2=plugin_data_pb2,
     )
 
@@ -232,14 +234,18 @@ class TensorBoardWriter(BaseWriter):
         if suffix := rank_suffix(all_ranks):  # every rank writes: one TensorBoard run per rank
             self.logdir = self.logdir / suffix
         self.gate = ResumeGate(self.name, last_step(self.logdir) if resume else None)
+        self._hparam_metrics: list[str] = []
+        self._session_started = False
         self._file = EventFile(self.name, self.logdir, self._p.event_pb2)
         super().__init__()
         self.flush_interval = float(flush_secs)
 
     def locations(self) -> list[Location]:
-        # the hint stays out of the command, so the printed command runs as pasted
-        where = f"{self.logdir}  (the guide's dashboard: Custom Scalars tab)"
-        return [Location("TensorBoard", where, f"tensorboard --logdir {self.logdir}")]
+        # TensorBoard names a run by its directory under --logdir: the parent makes this run
+        # `<logdir.name>` beside its siblings (opened on the run itself, it would be called ".").
+        # The hint stays out of the command, so the printed command runs as pasted.
+        where = f"{self.logdir}  (run {self.logdir.name!r}; the guide's dashboard: Custom Scalars tab)"
+        return [Location("TensorBoard", where, f"tensorboard --logdir {self.logdir.parent}")]
 
     def _event(self, step: int, values: list[Any], wall_time: float | None = None) -> None:
         summary = self._p.summary_pb2.Summary(value=values)
@@ -252,6 +258,11 @@ class TensorBoardWriter(BaseWriter):
             raise RuntimeError(f"{self.name}: write after close ({self.logdir})")
         self._file.append(event)
         self._mark_dirty()
+
+    def _append(self, step: int, values: list[Any]) -> None:
+        """An event written while closing (after :attr:`closed` is set)."""
+        summary = self._p.summary_pb2.Summary(value=values)
+        self._file.append(self._p.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         if not self.gate.allows(check_step(step)):
@@ -287,35 +298,59 @@ class TensorBoardWriter(BaseWriter):
         )
         self._event(step, [self._p.summary_pb2.Summary.Value(tag=tag, image=img)])
 
+    def define_summaries(self, summaries: Mapping[str, str]) -> None:
+        """The tags a run is judged by become the HParams tab's metric columns (globs are skipped)."""
+        self._hparam_metrics.extend(t for t in summaries if not any(c in t for c in "*?["))
+
     def log_config(self, config: Mapping[str, Any]) -> None:
+        """The HParams tab (an experiment with these hyper-parameters and, as metrics, the tags of
+        :meth:`define_summaries`, plus this run's session) and a ``config`` text table."""
         config = redact(config)  # secrets never reach a backend
         flat = flatten(config)
         p = self._p
+        api = p.hparams_api_pb2
         start = p.plugin_data_pb2.SessionStartInfo()
+        infos = []
         for key, v in flat.items():
             if isinstance(v, bool):
                 start.hparams[key].bool_value = v
+                kind = api.DATA_TYPE_BOOL
             elif isinstance(v, (int, float)):
                 start.hparams[key].number_value = float(v)
+                kind = api.DATA_TYPE_FLOAT64
             else:
                 start.hparams[key].string_value = str(v)
+                kind = api.DATA_TYPE_STRING
+            infos.append(api.HParamInfo(name=key, type=kind))
         start.start_time_secs = time.time()
+        experiment = api.Experiment(
+            hparam_infos=infos,
+            metric_infos=[
+                api.MetricInfo(name=api.MetricName(tag=t)) for t in dict.fromkeys(self._hparam_metrics)
+            ],
+        )
+        self._session_started = True
+        rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
+        self._event(
+            0,
+            [
+                self._hparams_value(p.hparams_metadata.EXPERIMENT_TAG, experiment=experiment),
+                self._hparams_value(p.hparams_metadata.SESSION_START_INFO_TAG, session_start_info=start),
+                self._string_value("config", "text", f"| key | value |\n|---|---|\n{rows}".encode()),
+            ],
+        )
+
+    def _hparams_value(self, tag: str, **data: Any) -> Any:
+        p = self._p
         content = p.plugin_data_pb2.HParamsPluginData(
-            session_start_info=start, version=p.hparams_metadata.PLUGIN_DATA_VERSION
+            version=p.hparams_metadata.PLUGIN_DATA_VERSION, **data
         ).SerializeToString()
         metadata = p.summary_pb2.SummaryMetadata(
             plugin_data=p.summary_pb2.SummaryMetadata.PluginData(
                 plugin_name=p.hparams_metadata.PLUGIN_NAME, content=content
             )
         )
-        hp_value = p.summary_pb2.Summary.Value(
-            tag=p.hparams_metadata.SESSION_START_INFO_TAG, metadata=metadata
-        )
-        rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
-        self._event(
-            0,
-            [hp_value, self._string_value("config", "text", f"| key | value |\n|---|---|\n{rows}".encode())],
-        )
+        return p.summary_pb2.Summary.Value(tag=tag, metadata=metadata)
 
     def _string_value(self, tag: str, plugin: str, payload: bytes) -> Any:
         """A summary value holding one scalar ``DT_STRING`` tensor for ``plugin`` (text, custom_scalars)."""
@@ -344,12 +379,19 @@ class TensorBoardWriter(BaseWriter):
             self._mark_dirty()  # the disk refused: try again at the next timed flush
 
     def _close(self, failed: bool) -> None:
-        del failed
+        if self._session_started:  # the HParams tab shows how the run ended
+            api = self._p.hparams_api_pb2
+            end = self._p.plugin_data_pb2.SessionEndInfo(
+                status=api.STATUS_FAILURE if failed else api.STATUS_SUCCESS, end_time_secs=time.time()
+            )
+            tag = self._p.hparams_metadata.SESSION_END_INFO_TAG
+            self._append(0, [self._hparams_value(tag, session_end_info=end)])
         self._file.close()
 
 
 def _build(section: Mapping[str, Any], common: Mapping[str, Any]) -> TensorBoardWriter:
-    logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard"
+    # one directory per run under <log_dir>/tensorboard: TensorBoard shows it named by the experiment
+    logdir = section.get("log_dir") or Path(common["log_dir"]) / "tensorboard" / common["experiment_name"]
     flush_secs = float(section.get("flush_secs") or common["flush_interval"])
     return TensorBoardWriter(
         logdir, flush_secs=flush_secs, resume=common["resume"], all_ranks=common.get("all_ranks", False)
