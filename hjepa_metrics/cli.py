@@ -86,8 +86,14 @@ def _names(spec: registry.TagSpec, name: str | None) -> dict[str, str]:
 def _cmd_layout(args: argparse.Namespace) -> int:
     from . import layout
 
-    if args.format == "guide-json":
-        text = json.dumps(layout.guide_layout(args.num_hierarchies, prefix=args.prefix), indent=2)
+    guide = args.format == "guide-json" or args.guide
+    tree = (
+        layout.guide_layout(args.num_hierarchies, prefix=args.prefix)
+        if guide
+        else layout.dashboard_layout(args.num_hierarchies, args.prefix, cuda=args.cuda)
+    )
+    if args.format in ("guide-json", "json"):
+        text = json.dumps(tree, indent=2)
         if args.logdir:
             path = Path(args.logdir) / "tensorboard_layout.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,18 +102,17 @@ def _cmd_layout(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
-    if args.logdir:
-        from writers.tensorboard import TensorBoardWriter
+    from writers.tensorboard import TensorBoardWriter, layout_proto
 
+    if args.logdir:
         with TensorBoardWriter(args.logdir) as writer:
-            writer.log_layout(layout.guide_layout(args.num_hierarchies, prefix=args.prefix))
+            writer.log_layout(tree)
         print(f"wrote the custom-scalars layout to {args.logdir}")
         print(f"open it with: tensorboard --logdir {args.logdir}")
         return 0
     from google.protobuf import text_format
 
-    proto = layout.tensorboard_layout(args.num_hierarchies, prefix=args.prefix)
-    print(text_format.MessageToString(proto), end="")
+    print(text_format.MessageToString(layout_proto(tree)), end="")
     return 0
 
 
@@ -203,7 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_tags.set_defaults(func=_cmd_tags)
 
     p_layout = sub.add_parser("layout", help="print or write the custom-scalars layout")
-    p_layout.add_argument("--format", choices=("guide-json", "tensorboard"), default="guide-json")
+    p_layout.add_argument(
+        "--format",
+        choices=("guide-json", "json", "tensorboard"),
+        default="guide-json",
+        help="guide-json: the guide's exact tensorboard_layout.json; json: the dashboard the logger writes "
+        "(no CUDA charts unless --cuda, one unit per chart, val/ beside train/); tensorboard: the "
+        "dashboard as TensorBoard's Layout proto (the guide's with --guide)",
+    )
+    p_layout.add_argument("--guide", action="store_true", help="the guide's exact charts for every format")
+    p_layout.add_argument("--cuda", action="store_true", help="keep the CUDA memory charts (dashboard)")
     p_layout.add_argument("--num-hierarchies", type=int, default=3)
     p_layout.add_argument("--prefix", default="train/")
     p_layout.add_argument(

@@ -51,20 +51,55 @@ def test_layout_guide_json(n: int) -> None:
     assert json.loads(out.stdout) == guide_layout(n)
 
 
-def test_layout_tensorboard_into_a_logdir(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guide", [False, True])
+def test_layout_tensorboard_into_a_logdir(tmp_path: Path, guide: bool) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     from hjepa_metrics.layout import tensorboard_layout
 
-    out = _run("layout", "--format", "tensorboard", "--num-hierarchies", "2", "--logdir", str(tmp_path))
+    flags = ["--guide"] if guide else []
+    out = _run(
+        "layout", "--format", "tensorboard", "--num-hierarchies", "2", "--logdir", str(tmp_path), *flags
+    )
     assert out.returncode == 0 and f"tensorboard --logdir {tmp_path}" in out.stdout
     acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     acc.Reload()
     proto = layout_pb2.Layout.FromString(
         acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     )
-    assert proto == tensorboard_layout(2)
+    assert proto == tensorboard_layout(2, guide=guide)
+
+
+def test_dashboard_layout_one_unit_per_chart_no_cuda_charts_and_validation_beside_training() -> None:
+    from hjepa_metrics.layout import dashboard_layout, guide_layout
+
+    out = _run("layout", "--format", "json")
+    layout = json.loads(out.stdout)
+    charts = [chart for c in layout["category"] for chart in c["children"]]
+    for chart in charts:
+        units = {registry.lookup(t).spec.unit for t in chart["children"]}  # type: ignore[union-attr]
+        assert len(units) == 1, (chart["title"], units)
+    tags = {t for chart in charts for t in chart["children"]}
+    guide_tags = {
+        t
+        for c in guide_layout(3)["category"]
+        for ch in c["children"]
+        for t in ([ch] if isinstance(ch, str) else ch["children"])
+    }
+    cuda = {t for t in guide_tags if registry.lookup(t).spec.cuda_only}  # type: ignore[union-attr]
+    assert cuda == {"train/performance/gpu_memory_allocated_gb"}
+    assert tags & guide_tags == guide_tags - cuda  # every other chart of the guide is kept
+    val = {t for t in tags if t.startswith("val/")}
+    assert val == {
+        t.replace("train/", "val/")
+        for t in guide_tags
+        if t.startswith(("train/prediction/", "train/collapse/"))
+    }
+    rank = next(c for c in charts if c["title"] == "Level 0 (Finest) (rank)")
+    assert rank["children"] == ["train/collapse/level0_effective_rank", "val/collapse/level0_effective_rank"]
+    with_cuda = dashboard_layout(3, cuda=True)
+    assert "train/performance/gpu_memory_allocated_gb" in json.dumps(with_cuda)
 
 
 def test_docs_tag_reference_is_up_to_date() -> None:

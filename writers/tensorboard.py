@@ -235,6 +235,7 @@ class TensorBoardWriter(BaseWriter):
             self.logdir = self.logdir / suffix
         self.gate = ResumeGate(self.name, last_step(self.logdir) if resume else None)
         self._hparam_metrics: list[str] = []
+        self._hparams: dict[str, Any] = {}
         self._session_started = False
         self._file = EventFile(self.name, self.logdir, self._p.event_pb2)
         super().__init__()
@@ -275,7 +276,7 @@ class TensorBoardWriter(BaseWriter):
             except (TypeError, ValueError):
                 raise TypeError(f"metrics[{tag!r}]: got {type(v).__name__}; expected a real number") from None
         if values:
-            self._event(step, values, wall_time)
+            self._event(step, self._session_start() + values, wall_time)
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         h = histogram(values, name=tag)
@@ -288,7 +289,7 @@ class TensorBoardWriter(BaseWriter):
             bucket_limit=h.bucket_limits,
             bucket=h.counts,
         )
-        self._event(step, [self._p.summary_pb2.Summary.Value(tag=tag, histo=proto)])
+        self._event(step, [*self._session_start(), self._p.summary_pb2.Summary.Value(tag=tag, histo=proto)])
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
         png = image_png(image, tag)
@@ -296,22 +297,32 @@ class TensorBoardWriter(BaseWriter):
         img = self._p.summary_pb2.Summary.Image(
             height=height, width=width, colorspace=channels, encoded_image_string=png
         )
-        self._event(step, [self._p.summary_pb2.Summary.Value(tag=tag, image=img)])
+        self._event(step, [*self._session_start(), self._p.summary_pb2.Summary.Value(tag=tag, image=img)])
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
         """The tags a run is judged by become the HParams tab's metric columns (globs are skipped)."""
         self._hparam_metrics.extend(t for t in summaries if not any(c in t for c in "*?["))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        """The HParams tab (an experiment with these hyper-parameters and, as metrics, the tags of
-        :meth:`define_summaries`, plus this run's session) and a ``config`` text table."""
-        config = redact(config)  # secrets never reach a backend
-        flat = flatten(config)
+        """A ``config`` text table now, and the HParams tab: every config logged before the run's first
+        value (they are merged) becomes its hyper-parameters, with the tags of :meth:`define_summaries`
+        as metric columns, written once with that first value (TensorBoard reads only a run's first
+        session start)."""
+        flat = flatten(redact(config))  # secrets never reach a backend
+        self._hparams.update(flat)
+        rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
+        self._event(0, [self._string_value("config", "text", f"| key | value |\n|---|---|\n{rows}".encode())])
+
+    def _session_start(self) -> list[Any]:
+        """The HParams experiment and session-start values, once, if a config was logged."""
+        if self._session_started or not self._hparams:
+            return []
+        self._session_started = True
         p = self._p
         api = p.hparams_api_pb2
-        start = p.plugin_data_pb2.SessionStartInfo()
+        start = p.plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
         infos = []
-        for key, v in flat.items():
+        for key, v in self._hparams.items():
             if isinstance(v, bool):
                 start.hparams[key].bool_value = v
                 kind = api.DATA_TYPE_BOOL
@@ -322,23 +333,12 @@ class TensorBoardWriter(BaseWriter):
                 start.hparams[key].string_value = str(v)
                 kind = api.DATA_TYPE_STRING
             infos.append(api.HParamInfo(name=key, type=kind))
-        start.start_time_secs = time.time()
-        experiment = api.Experiment(
-            hparam_infos=infos,
-            metric_infos=[
-                api.MetricInfo(name=api.MetricName(tag=t)) for t in dict.fromkeys(self._hparam_metrics)
-            ],
-        )
-        self._session_started = True
-        rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
-        self._event(
-            0,
-            [
-                self._hparams_value(p.hparams_metadata.EXPERIMENT_TAG, experiment=experiment),
-                self._hparams_value(p.hparams_metadata.SESSION_START_INFO_TAG, session_start_info=start),
-                self._string_value("config", "text", f"| key | value |\n|---|---|\n{rows}".encode()),
-            ],
-        )
+        metrics = [api.MetricInfo(name=api.MetricName(tag=t)) for t in dict.fromkeys(self._hparam_metrics)]
+        experiment = api.Experiment(hparam_infos=infos, metric_infos=metrics)
+        return [
+            self._hparams_value(p.hparams_metadata.EXPERIMENT_TAG, experiment=experiment),
+            self._hparams_value(p.hparams_metadata.SESSION_START_INFO_TAG, session_start_info=start),
+        ]
 
     def _hparams_value(self, tag: str, **data: Any) -> Any:
         p = self._p
@@ -379,6 +379,8 @@ class TensorBoardWriter(BaseWriter):
             self._mark_dirty()  # the disk refused: try again at the next timed flush
 
     def _close(self, failed: bool) -> None:
+        if start := self._session_start():  # a config and no value: the tab still lists the run
+            self._append(0, start)
         if self._session_started:  # the HParams tab shows how the run ended
             api = self._p.hparams_api_pb2
             end = self._p.plugin_data_pb2.SessionEndInfo(

@@ -118,13 +118,11 @@ class WandbWriter(BaseWriter):
     def locations(self) -> list[Location]:
         run_dir = Path(self.run.dir).parent
         offline = getattr(self.run.settings, "mode", None) == "offline"
-        return [
-            Location(
-                "W&B",
-                str(getattr(self.run, "url", None) or run_dir),
-                f"wandb sync {run_dir}" if offline else None,
-            )
-        ]
+        if offline:  # LEET reads the run's files with no account and no network; sync uploads them
+            return [
+                Location("W&B", f"{run_dir} (offline; upload: wandb sync {run_dir})", f"wandb leet {run_dir}")
+            ]
+        return [Location("W&B", str(getattr(self.run, "url", None) or run_dir))]
 
     @property
     def run_id(self) -> str:
