@@ -258,7 +258,9 @@ def test_a_sweep_of_100_loggers_leaks_no_descriptor_thread_or_memory(tmp_path: P
     (fds_20, threads_20, rss_20), (fds_99, threads_99, rss_99) = seen[21], seen[99]
     assert fds_99 == fds_20 and threads_99 == threads_20
     assert rss_99 - rss_20 < 20, f"resident memory grew {rss_99 - rss_20:.1f} MB over 80 loggers"
-    assert len(read_jsonl(tmp_path / "90" / "child.jsonl")) == 5 + 1  # the layout record, then the scalars
+    assert (
+        len(read_jsonl(tmp_path / "90" / "child.jsonl")) == 5 + 2
+    )  # layout, alert settings, then the scalars
 
 
 def test_mlflow_in_this_process_releases_its_store_at_close(tmp_path: Path) -> None:
