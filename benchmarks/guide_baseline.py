@@ -7,6 +7,7 @@ It reproduces the original's costs, not its bugs' numbers: do not use it for any
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class GuideStyleLogger:
         std = f.std(dim=0)
         self._scalar(f"train/collapse/level{level}_mean_std_per_dim", std.mean(), global_step)
         self._scalar(f"train/collapse/level{level}_min_std_per_dim", std.min(), global_step)
-        _, s, _ = torch.linalg.svd(f[:10000])  # full SVD, U and V computed and dropped
+        _, s, _ = torch.linalg.svd(f[:10000], full_matrices=False)  # U and V computed and dropped
         p = s / s.sum()
         self._scalar(
             f"train/collapse/level{level}_effective_rank",
@@ -128,3 +129,26 @@ class GuideStyleLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NaiveComputation(GuideStyleLogger):
+    """The original logger's computation alone: its ``.item()`` per scalar, collected into one dict and
+    written as one JSON line per step (no TensorBoard), the baseline for the computation's own cost."""
+
+    def __init__(self, path: str, num_hierarchies: int = 3) -> None:
+        self.num_hierarchies = num_hierarchies
+        self.clip_count = 0
+        self.calls = 0
+        self.row: dict[str, float] = {}
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def _scalar(self, tag: str, value: Any, step: int) -> None:
+        self.row[tag] = value.item() if isinstance(value, torch.Tensor) else float(value)
+
+    def end_step(self, step: int) -> None:
+        self.file.write(json.dumps({"step": step, "metrics": self.row}) + "\n")
+        self.file.flush()
+        self.row = {}
+
+    def close(self) -> None:
+        self.file.close()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from guide_baseline import GuideStyleLogger
+from guide_baseline import GuideStyleLogger, NaiveComputation
 
 import hjepa_metrics as hm
 
@@ -200,26 +200,104 @@ def _step_inputs() -> dict[str, Any]:
     }
 
 
-def _guide_step(logger: Any, s: dict[str, Any], step: int, ours: bool) -> None:
-    kw = {"global_step": step}
-    logger.log_hierarchical_losses(s["loss_dict"], **kw)
-    logger.log_masking_statistics(mask=s["mask"], num_patches=196, **kw)
-    logger.log_prediction_quality(predictions=s["predictions"], targets=s["targets"], **kw)
+def _guide_calls(s: dict[str, Any], ours: bool) -> list[tuple[str, Callable[[Any, int], Any]]]:
+    """The guide's ten calls of one logging step, each ``(name, call(logger, step))``."""
     ctx = s["context"][:, 1:, :]
     features = ctx.reshape(-1, ctx.shape[-1])
-    logger.log_collapse_metrics(features=features, level=0, **kw)
-    logger.log_gradient_flow(s["model"], **kw)
-    norm = torch.nn.utils.clip_grad_norm_(s["model"].parameters(), max_norm=float("inf"))
-    if ours:
-        logger.log_gradient_clipping(
-            global_norm_before=norm, global_norm_after=norm, clip_threshold=1.0, **kw
+
+    def clipping(logger: Any, step: int) -> None:
+        norm = torch.nn.utils.clip_grad_norm_(s["model"].parameters(), max_norm=float("inf"))
+        if ours:
+            logger.log_gradient_clipping(
+                global_norm_before=norm, global_norm_after=norm, clip_threshold=1.0, global_step=step
+            )
+        else:
+            logger.log_gradient_clipping(norm.item(), norm.item(), 1.0, global_step=step)
+
+    return [
+        ("log_hierarchical_losses", lambda lg, k: lg.log_hierarchical_losses(s["loss_dict"], global_step=k)),
+        (
+            "log_masking_statistics",
+            lambda lg, k: lg.log_masking_statistics(mask=s["mask"], num_patches=196, global_step=k),
+        ),
+        (
+            "log_prediction_quality",
+            lambda lg, k: lg.log_prediction_quality(
+                predictions=s["predictions"], targets=s["targets"], global_step=k
+            ),
+        ),
+        (
+            "log_collapse_metrics",
+            lambda lg, k: lg.log_collapse_metrics(features=features, level=0, global_step=k),
+        ),
+        ("log_gradient_flow", lambda lg, k: lg.log_gradient_flow(s["model"], global_step=k)),
+        ("log_gradient_clipping", clipping),
+        ("log_learning_rate", lambda lg, k: lg.log_learning_rate(s["optimizer"], global_step=k)),
+        (
+            "log_hierarchy_feature_stats",
+            lambda lg, k: lg.log_hierarchy_feature_stats(s["predictions"], s["targets"], global_step=k),
+        ),
+        (
+            "log_training_stability",
+            lambda lg, k: lg.log_training_stability(
+                current_loss=s["history"][-1], loss_history=s["history"], global_step=k
+            ),
+        ),
+        (
+            "log_performance_metrics",
+            lambda lg, k: lg.log_performance_metrics(
+                batch_size=32, forward_time=0.1, backward_time=0.2, global_step=k
+            ),
+        ),
+    ]
+
+
+def _guide_step(logger: Any, s: dict[str, Any], step: int, ours: bool) -> None:
+    for _, call in _guide_calls(s, ours):
+        call(logger, step)
+    if not ours and hasattr(logger, "end_step"):
+        logger.end_step(step)
+
+
+def bench_calls_against_naive_computation(repeat: int) -> list[Row]:
+    """Each guide call against the naive computation of the same call (its ``.item()`` per scalar,
+    loops, SVD, sample), both writing to a JSON-lines sink, and the whole ten-call step."""
+    s = _step_inputs()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_logger = hm.HJEPAMetricsLogger(config={"log_dir": f"{tmp}/ours", "backends": ["jsonl"]})
+        naive = NaiveComputation(f"{tmp}/naive.jsonl")
+        step = iter(range(10**6))
+        for (name, ours_call), (_, naive_call) in zip(
+            _guide_calls(s, True), _guide_calls(s, False), strict=True
+        ):
+            ours = timed(lambda c=ours_call: c(ours_logger, next(step)), repeat)
+            base = timed(lambda c=naive_call: (c(naive, next(step)), naive.end_step(0)), repeat)
+            rows.append(
+                Row(
+                    f"{name} vs naive computation",
+                    f"{ours * 1e3:.2f} ms",
+                    f"{base * 1e3:.2f} ms",
+                    base / ours,
+                    ">= 0.9x",
+                    base / ours >= 0.9,
+                )
+            )
+        ours = timed(lambda: _guide_step(ours_logger, s, next(step), True), repeat)
+        base = timed(lambda: _guide_step(naive, s, next(step), False), repeat)
+        ours_logger.close()
+        naive.close()
+    rows.append(
+        Row(
+            "ten-call step vs naive computation (JSON sink)",
+            f"{ours * 1e3:.1f} ms",
+            f"{base * 1e3:.1f} ms",
+            base / ours,
+            ">= 1.8x",
+            base / ours >= 1.8,
         )
-    else:
-        logger.log_gradient_clipping(norm.item(), norm.item(), 1.0, **kw)
-    logger.log_learning_rate(s["optimizer"], **kw)
-    logger.log_hierarchy_feature_stats(s["predictions"], s["targets"], **kw)
-    logger.log_training_stability(current_loss=s["history"][-1], loss_history=s["history"], **kw)
-    logger.log_performance_metrics(batch_size=32, forward_time=0.1, backward_time=0.2, **kw)
+    )
+    return rows
 
 
 def bench_logging_step(repeat: int) -> list[Row]:
@@ -362,17 +440,22 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--only", help="run the benchmarks whose name contains this (e.g. naive)")
     args = parser.parse_args(argv)
     repeat = 3 if args.quick else 7
     rows: list[Row] = []
-    for bench in (
-        lambda: bench_collapse_speed(repeat),
-        lambda: bench_collapse_memory_and_floor(repeat),
-        lambda: bench_logging_step(repeat),
-        lambda: bench_log_latency(300 if args.quick else 1000),
-        lambda: bench_writer_throughput(300 if args.quick else 1000),
-        bench_import_cost,
-    ):
+    benches: dict[str, Callable[[], list[Row]]] = {
+        "collapse_speed": lambda: bench_collapse_speed(repeat),
+        "collapse_memory": lambda: bench_collapse_memory_and_floor(repeat),
+        "calls_vs_naive_computation": lambda: bench_calls_against_naive_computation(repeat),
+        "logging_step": lambda: bench_logging_step(repeat),
+        "log_latency": lambda: bench_log_latency(300 if args.quick else 1000),
+        "writer_throughput": lambda: bench_writer_throughput(300 if args.quick else 1000),
+        "import_cost": bench_import_cost,
+    }
+    for name, bench in benches.items():
+        if args.only and args.only not in name:
+            continue
         for row in bench():
             rows.append(row)
             print(f"  {row.case}: {row.ours} vs {row.baseline} -> {'pass' if row.ok else 'FAIL'}", flush=True)

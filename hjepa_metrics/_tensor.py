@@ -27,7 +27,8 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
                 )
             local: torch.Tensor = x.to_local()  # type: ignore[attr-defined]
             return local.detach()
-        return x.detach()
+        # detach() is a dispatcher call (~5 µs): metrics take many small tensors per call
+        return x.detach() if x.requires_grad else x
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{name}: got a numpy array of dtype object; expected a numeric array")
@@ -64,6 +65,8 @@ def scalar_tensor(x: Scalar, name: str) -> torch.Tensor | float:
     """A 0-d tensor (kept on its device) or a Python float; rejects tensors with more than one element."""
     if isinstance(x, (torch.Tensor, np.ndarray)):
         t = as_tensor(x, name)
+        if t.dim() == 0:
+            return t
         if t.numel() != 1:
             raise ValueError(f"{name}: got shape {tuple(t.shape)}; expected a scalar (one element)")
         return t.reshape(())
@@ -85,7 +88,11 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         assert isinstance(first, torch.Tensor)
         device = first.device
         dtype = accumulate_dtype(device)
-        packed = torch.stack([_as_scalar(values[k], device, dtype) for k in keys])
+        tensors = [values[k] for k in keys]
+        if all(t.dim() == 0 and t.device == device for t in tensors):  # type: ignore[union-attr]
+            packed = torch.stack(tensors).to(dtype)  # type: ignore[arg-type]  # promotes mixed dtypes
+        else:
+            packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
         out.update(zip(keys, host_list(packed), strict=True))
     return {k: out[k] for k in values}
 

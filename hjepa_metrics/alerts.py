@@ -95,25 +95,28 @@ class AlertMonitor:
 
     def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
         """New reports among ``metrics`` (full tags, prefixes allowed)."""
-        for tag, value in metrics.items():  # the widths that scaled thresholds need come first
+        ruled = []
+        for tag, value in metrics.items():
             match = registry.lookup(tag)
-            if match is not None and match.spec.template == FEATURE_DIM and match.level is not None:
-                self.set_feature_dim(match.level, int(value))
+            if match is None:
+                continue
+            if match.spec.alert is not None:
+                ruled.append((tag, float(value), match))
+            elif match.spec.template == FEATURE_DIM and match.level is not None:
+                self.set_feature_dim(match.level, int(value))  # before the rules that scale with it
         if step < self.warmup_steps:  # an untrained model is far from every threshold: not news
             return []
         new = []
-        for tag, value in metrics.items():
-            match = registry.lookup(tag)
-            if match is None or match.spec.alert is None:
-                continue
+        for tag, value, match in ruled:
             rule = match.spec.alert
+            assert rule is not None
             level, n = match.level, self.num_hierarchies
-            self.last[tag] = (step, float(value))
+            self.last[tag] = (step, value)
             dim = self._feature_dims.get(level) if level is not None else None
             if rule.fires(value, level=level, num_hierarchies=n, dim=dim):
                 if tag not in self.active:
                     self.active.add(tag)
-                    alert = self._crossed(tag, step, float(value), rule.describe(level=level, dim=dim))
+                    alert = self._crossed(tag, step, value, rule.describe(level=level, dim=dim))
                     if alert is not None:
                         new.append(alert)
             elif tag in self.active and rule.recovered(value, level=level, num_hierarchies=n, dim=dim):

@@ -33,7 +33,10 @@ class HierarchyAccumulator:
             x = p.to(compute_dtype(p))
             acc = accumulate_dtype(x.device)
             n = float(x.numel())
-            total = x.sum(dtype=acc)
+            # on the CPU, sum(dtype=float64) first copies the whole tensor to float64 (10x the cost of
+            # the pass): its own cascade (pairwise) summation keeps float32 sums to ~1e-7 relative;
+            # accelerators cast on load, so they sum in float64 with no copy
+            total = x.sum().to(acc) if x.device.type == "cpu" else x.sum(dtype=acc)
             # x.var accumulates in double on the CPU; the result is cast, never the features
             m2 = x.var(unbiased=False).to(acc) * n
             norms = torch.linalg.vector_norm(x, dim=-1)

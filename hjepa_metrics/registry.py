@@ -11,7 +11,7 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 # The guide's custom-scalars categories, in the guide's order.
 CATEGORIES = (
@@ -749,6 +749,11 @@ def lookup(tag: str) -> TagMatch | None:
     >>> lookup("val/collapse/level2_effective_rank").level
     2
     """
+    return _lookup_full(tag)
+
+
+@lru_cache(maxsize=1 << 16)  # every logged value is looked up (alerts): a tag is parsed once
+def _lookup_full(tag: str) -> TagMatch | None:
     return _lookup(strip_prefix(tag))
 
 
