@@ -131,3 +131,13 @@ def test_bad_shapes_are_clear_errors() -> None:
         collapse_metrics(torch.randn(0, 8))
     with pytest.raises(TypeError, match="features"):
         collapse_metrics([[1.0, 2.0]])  # type: ignore[arg-type]
+
+
+def test_wide_features_split_products_match_float64_brute_force() -> None:
+    # D and M above the size where the CPU Gram and the max-similarity products are split in blocks
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 160, generator=gen) + 0.3 * torch.randn(1, 160, generator=gen)
+    got = collapse_metrics(x, max_similarity_rows=300)
+    want = brute_force(as_float64(x))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
