@@ -61,22 +61,43 @@ def max_offdiagonal_product(u: torch.Tensor) -> torch.Tensor:
     return torch.stack([aa.max(), (a @ b.T).max(), bb.max()]).max()
 
 
-def effective_rank_from_gram(centered_gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Roy–Vetterli ``exp(H(σ/Σσ))`` from a symmetric PSD ``[D, D]`` Gram (σ² = its eigenvalues).
-
-    Eigenvalues below ``16·D·eps·scale`` (the rounding level of a Gram whose trace is ``scale``)
-    are zero. Returns 0 when every σ is zero (all rows equal), by definition, and NaN for a
-    non-finite Gram (the eigensolver would raise, and the check must not synchronize the device).
-    """
+def gram_spectrum(centered_gram: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ, finite)``: the eigenvalues of a symmetric PSD ``[D, D]`` Gram, largest first, with those
+    below ``16·D·eps·scale`` (the rounding level of a Gram whose trace is ``scale``) set to 0, and
+    whether the Gram was finite (if not, λ is that of a zero Gram: the eigensolver would raise, and the
+    check must not synchronize the device)."""
     finite = torch.isfinite(centered_gram).all()
     eig = torch.linalg.eigvalsh(torch.where(finite, centered_gram, torch.zeros_like(centered_gram)))
     tol = 16.0 * centered_gram.shape[0] * torch.finfo(eig.dtype).eps * scale
-    sigma = torch.where(eig > tol, eig, torch.zeros_like(eig)).sqrt()
+    return torch.where(eig > tol, eig, torch.zeros_like(eig)).flip(0), finite
+
+
+def effective_rank_from_spectrum(eig: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Roy–Vetterli ``exp(H(σ/Σσ))`` with σ² = the Gram eigenvalues of :func:`gram_spectrum`: 0 when
+    every σ is zero (all rows equal), by definition, and NaN for a non-finite Gram."""
+    sigma = eig.sqrt()
     total = sigma.sum()
     p = sigma / total.clamp_min(torch.finfo(eig.dtype).tiny)
     entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
     rank = torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
     return torch.where(finite, rank, torch.full_like(rank, math.nan))
+
+
+def spectrum_alpha(eig: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Power-law decay exponent α of the eigenvalues λ₁ ≥ … ≥ λ_k > 0 of :func:`gram_spectrum` (the
+    centered covariance of the unit rows, up to a scale α does not see): minus the least-squares slope
+    of ``log λ_i`` against ``log i``, ``i = 1..k``; NaN when ``k < 3`` or the Gram is not finite.
+    Computed on the device with masks (k is never read)."""
+    kept = eig > 0  # a prefix: eig is sorted, largest first
+    w = kept.to(eig.dtype)
+    k = w.sum()
+    x = torch.arange(1, eig.shape[0] + 1, dtype=eig.dtype, device=eig.device).log()
+    y = torch.where(kept, eig, torch.ones_like(eig)).log()
+    n = k.clamp_min(1)
+    dx = (x - (w * x).sum() / n) * w
+    dy = (y - (w * y).sum() / n) * w
+    slope = (dx * dy).sum() / (dx * dx).sum().clamp_min(torch.finfo(eig.dtype).tiny)
+    return torch.where(finite & (k >= 3), -slope, torch.full_like(slope, math.nan))
 
 
 class CollapseAccumulator:
@@ -220,7 +241,9 @@ class CollapseAccumulator:
         raw[tag + "feature_dim"] = float(self.gram.shape[0])
         mean = self.row_sum / m
         centered = torch.addr(self.gram, mean, mean, alpha=-m)  # G − M·μμᵀ, one D×D temporary
-        raw[tag + "effective_rank"] = effective_rank_from_gram(centered, self.sq_norm_sum)
+        spectrum, finite = gram_spectrum(centered, self.sq_norm_sum)  # one eigensolve for both
+        raw[tag + "effective_rank"] = effective_rank_from_spectrum(spectrum, finite)
+        raw[tag + "spectrum_alpha"] = spectrum_alpha(spectrum, finite)
         if m < 2:
             return raw
         std = ((self.gram.diagonal() - m * mean * mean) / (m - 1)).clamp_min(0.0).sqrt()

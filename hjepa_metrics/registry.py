@@ -307,6 +307,17 @@ REGISTRY: tuple[TagSpec, ...] = (
         formula="exp(−Σ p_k log p_k), p = σ/Σσ, σ² = eig(Ûcᵀ Ûc) in float64, Ûc centered",
     ),
     TagSpec(
+        "collapse/level{level}_spectrum_alpha",
+        "collapse",
+        "exponent",
+        "Power-law decay exponent of the level {level} feature spectrum (the eigenvalues behind the "
+        "effective rank); large: the spectrum collapses onto few directions",
+        formula="−slope of the least-squares fit of log λ_i on log i over the eigenvalues λ_1 ≥ … ≥ λ_k "
+        "of the centered covariance of the unit rows above the effective rank's rounding tolerance; NaN "
+        "for k < 3",
+        healthy="near 1 (the range reported for good self-supervised representations)",
+    ),
+    TagSpec(
         "collapse/level{level}_feature_dim",
         "collapse",
         "dims",

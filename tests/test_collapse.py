@@ -20,6 +20,7 @@ def brute_force(x: np.ndarray) -> dict[str, float]:
     m = u.shape[0]
     std = u.std(axis=0, ddof=1)
     sigma = np.linalg.svd(u - u.mean(axis=0), compute_uv=False)
+    alpha = spectrum_alpha_oracle(sigma**2)
     sigma = np.where(sigma > 1e-6 * max(sigma.max(), 1e-300), sigma, 0.0)
     p = sigma / sigma.sum() if sigma.sum() > 0 else sigma
     entropy = -sum(pk * math.log(pk) for pk in p if pk > 0)
@@ -34,7 +35,18 @@ def brute_force(x: np.ndarray) -> dict[str, float]:
         TAG + "max_similarity": pairs.max(),
         "health/collapse_level0_nonfinite": float((~np.isfinite(x).all(axis=1)).sum()),
         TAG + "feature_dim": float(x.shape[1]),
+        TAG + "spectrum_alpha": alpha,
     }
+
+
+def spectrum_alpha_oracle(lam: np.ndarray) -> float:
+    """−slope of log λ_i on log i over the eigenvalues above the rounding level, in float64 numpy."""
+    lam = np.sort(lam)[::-1]
+    kept = lam[lam > 1e-10 * lam.max()] if lam.max() > 0 else lam[:0]
+    if kept.size < 3:
+        return math.nan
+    i = np.arange(1, kept.size + 1)
+    return float(-np.polyfit(np.log(i), np.log(kept), 1)[0])
 
 
 def test_matches_float64_brute_force(kind: str) -> None:
@@ -45,7 +57,7 @@ def test_matches_float64_brute_force(kind: str) -> None:
     want = brute_force(as_float64(x))
     assert got.keys() == want.keys()
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
 
 
 def test_rank_k_with_equal_singular_values_is_k(kind: str) -> None:
@@ -141,3 +153,28 @@ def test_wide_features_split_products_match_float64_brute_force() -> None:
     want = brute_force(as_float64(x))
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def _hadamard(m: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < m:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 3.5])
+def test_spectrum_alpha_of_an_exact_power_law(alpha: float) -> None:
+    # rows Σ_j ±√λ_j q_j over an orthonormal basis q, with the signs of a Hadamard matrix's columns
+    # (orthogonal, zero mean): all rows have the same norm, so after normalisation the centered
+    # covariance has eigenvalues ∝ λ_j = j^-α exactly
+    d, m = 32, 64
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))
+    lam = np.arange(1, d + 1, dtype=np.float64) ** -alpha
+    x = _hadamard(m)[:, 1 : d + 1] * np.sqrt(lam) @ q.T
+    got = collapse_metrics(torch.from_numpy(x))[TAG + "spectrum_alpha"]
+    assert got == pytest.approx(alpha, rel=1e-9)
+
+
+def test_spectrum_alpha_is_nan_below_three_directions() -> None:
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert math.isnan(collapse_metrics(x)[TAG + "spectrum_alpha"])  # one direction after centering

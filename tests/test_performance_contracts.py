@@ -244,21 +244,3 @@ def test_mlflow_runs_outside_the_training_interpreter(tmp_path: Any) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     run_id = (tmp_path / "mlflow_run_id").read_text()
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(5))
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux scheduling classes")
-def test_writer_processes_run_below_training_in_the_scheduler(tmp_path: Any) -> None:
-    import functools
-    import os
-
-    from writers import JSONLWriter
-    from writers.process import ProcessWriter
-
-    writer = ProcessWriter(functools.partial(JSONLWriter, tmp_path / "m.jsonl"), name="jsonl")
-    try:
-        writer.log_scalars({"a": 1.0}, 0)
-        writer.flush()  # the child has set itself up by the time it answers
-        assert os.sched_getscheduler(writer._proc.pid) == os.SCHED_IDLE
-        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # training keeps its own class
-    finally:
-        writer.close()

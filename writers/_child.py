@@ -24,27 +24,11 @@ log = logging.getLogger("writers.process")
 ORPHAN_CLOSE_TIMEOUT = 12 * DEFAULT_TIMEOUT
 
 
-def below_training() -> None:
-    """Put this process (and what the backend starts from it: W&B's service) below training in the CPU
-    scheduler. A Python-heavy client (MLflow) that takes a core from a torch thread pool stalls every
-    parallel region of training (measured on 2 cores: 1.8 -> 11 ms per step, even niced); as an idle-class
-    task (Linux ``SCHED_IDLE``; elsewhere niced) it writes in the time training leaves and catches up at
-    flush. ``HJEPA_METRICS_WRITER_PRIORITY=normal`` keeps the normal priority."""
-    if os.environ.get("HJEPA_METRICS_WRITER_PRIORITY", "idle") == "normal":
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        if hasattr(os, "nice"):
-            os.nice(10)
-
-
 def main() -> None:
     # Ctrl-C and a SIGTERM to the process group are the training process's to handle: it closes this
     # writer in order, or dies and leaves end of file, which closes it just the same.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    below_training()
     replies: IO[bytes] = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what backends print goes to stderr
     logging.basicConfig(level=logging.WARNING, format="%(name)s (writer process): %(message)s")
