@@ -123,6 +123,9 @@ class CollapseAccumulator:
         self.nonfinite_rows: torch.Tensor | None = None
         self._sample: torch.Tensor | None = None
         self._sample_keys: torch.Tensor | None = None
+        # after compute(): log10(λ_i / λ₁) of the eigenvalues behind the effective rank, largest first,
+        # −inf for those below the rounding level (a histogram drops them), on the device
+        self.spectrum: torch.Tensor | None = None
 
     @property
     def dim(self) -> int | None:
@@ -241,9 +244,10 @@ class CollapseAccumulator:
         raw[tag + "feature_dim"] = float(self.gram.shape[0])
         mean = self.row_sum / m
         centered = torch.addr(self.gram, mean, mean, alpha=-m)  # G − M·μμᵀ, one D×D temporary
-        spectrum, finite = gram_spectrum(centered, self.sq_norm_sum)  # one eigensolve for both
+        spectrum, finite = gram_spectrum(centered, self.sq_norm_sum)  # one eigensolve for all three
         raw[tag + "effective_rank"] = effective_rank_from_spectrum(spectrum, finite)
         raw[tag + "spectrum_alpha"] = spectrum_alpha(spectrum, finite)
+        self.spectrum = torch.log10(spectrum / spectrum[0].clamp_min(torch.finfo(spectrum.dtype).tiny))
         if m < 2:
             return raw
         std = ((self.gram.diagonal() - m * mean * mean) / (m - 1)).clamp_min(0.0).sqrt()

@@ -79,6 +79,7 @@ class HJEPAMetricsLogger(MetricRouter):
         loss_history_size: int = 1000,
         write_layout: bool = True,
         layout: str = "dashboard",
+        spectrum_every: int = 100,
         per_parameter_gradients: bool = False,
         max_similarity_rows: int = 1024,
         distributed: bool = True,
@@ -107,6 +108,10 @@ class HJEPAMetricsLogger(MetricRouter):
         self.max_similarity_rows = max_similarity_rows
         self.losses = LossHistory(loss_history_size)
         self.clipping = ClippingAccumulator()
+        if spectrum_every < 0:
+            raise ValueError(f"spectrum_every: got {spectrum_every}; expected calls >= 0 (0: never)")
+        self.spectrum_every = spectrum_every
+        self._collapse_calls: dict[tuple[str, int], int] = {}
         if layout not in ("dashboard", "guide"):
             raise ValueError(f"layout: got {layout!r}; expected 'dashboard' or 'guide'")
         if write_layout:
@@ -177,7 +182,13 @@ class HJEPAMetricsLogger(MetricRouter):
     ) -> dict[str, float]:
         state = self.collapse_accumulator(level)
         state.update(features)
-        return self.log_accumulated([state], global_step, prefix)
+        values = self.log_accumulated([state], global_step, prefix)
+        key = (self.prefix if prefix is None else prefix, level)
+        calls = self._collapse_calls[key] = self._collapse_calls.get(key, -1) + 1
+        if self.spectrum_every and calls % self.spectrum_every == 0 and state.spectrum is not None:
+            # the whole eigenspectrum, from the eigensolve the statistics already made
+            self.log_histogram(f"{key[0]}collapse/level{level}_spectrum", state.spectrum, global_step)
+        return values
 
     def log_gradient_flow(
         self, model: NamedTensors, global_step: int | None = None, prefix: str | None = None

@@ -318,6 +318,15 @@ REGISTRY: tuple[TagSpec, ...] = (
         healthy="near 1 (the range reported for good self-supervised representations)",
     ),
     TagSpec(
+        "collapse/level{level}_spectrum",
+        "collapse",
+        "log10(λ/λ₁)",
+        "Histogram of the level {level} feature spectrum, log10(λ_i/λ₁), every spectrum_every calls "
+        "(a histogram, not a scalar)",
+        formula="log10 of the eigenvalues behind the effective rank over the largest, those above the "
+        "rounding tolerance",
+    ),
+    TagSpec(
         "collapse/level{level}_feature_dim",
         "collapse",
         "dims",

@@ -118,6 +118,40 @@ def summarize(
     return lines
 
 
+SPECTRUM = "collapse/level{level}_spectrum"
+
+
+def _spectrum_figure(records: list[dict[str, Any]], target: Path) -> Path | None:
+    """A log-log chart of each level's last logged eigenspectrum (``λ_i/λ₁`` against ``i``), rebuilt from
+    its histogram (bucket resolution), or ``None`` when no spectrum was logged."""
+    import matplotlib.pyplot as plt
+
+    last: dict[str, dict[str, Any]] = {}
+    for r in records:
+        match = registry.lookup(r["tag"]) if r.get("kind") == "histogram" else None
+        if match is not None and match.spec.template == SPECTRUM:
+            last[r["tag"]] = r
+    if not last:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tag, r in sorted(last.items()):
+        edges, counts = np.asarray(r["edges"]), np.asarray(r["counts"])
+        order = np.argsort(edges[1:])[::-1]  # the largest eigenvalues first: rank 1 is λ₁
+        ranks = np.cumsum(counts[order])
+        keep = counts[order] > 0
+        ax.step(ranks[keep], 10.0 ** edges[1:][order][keep], where="pre", label=f"{tag} (step {r['step']})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rank i")
+    ax.set_ylabel("λ_i / λ₁")
+    ax.set_title("Eigenspectrum of the features (the effective rank's eigenvalues)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(target, dpi=80)
+    plt.close(fig)
+    return target
+
+
 def _spec_unit(tag: str) -> str:
     match = registry.lookup(tag)
     return match.spec.unit if match is not None else ""
@@ -209,6 +243,9 @@ def build_report(
         plt.close(fig)
         report.figures.append(target)
 
+    spectrum = _spectrum_figure(records, out / f"{len(report.figures) + 1:02d}_eigenspectrum.png")
+    if spectrum is not None:
+        report.figures.append(spectrum)
     report.summary = summarize(series, n, report.alerts, sum(monitor.crossings.values()))
     md = ["# Training-health report", "", f"Run: `{path}`", "", *(f"- {line}" for line in report.summary), ""]
     md += ["## Alerts", ""] + (

@@ -178,3 +178,49 @@ def test_spectrum_alpha_of_an_exact_power_law(alpha: float) -> None:
 def test_spectrum_alpha_is_nan_below_three_directions() -> None:
     x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     assert math.isnan(collapse_metrics(x)[TAG + "spectrum_alpha"])  # one direction after centering
+
+
+def test_spectrum_histogram_read_back_from_tensorboard(tmp_path: object) -> None:
+    pytest.importorskip("tensorboard")
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hjepa_metrics import HJEPAMetricsLogger
+    from writers import TensorBoardWriter
+
+    d, m, alpha = 32, 64, 1.5
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((d, d)))
+    lam = np.arange(1, d + 1, dtype=np.float64) ** -alpha
+    x = torch.from_numpy(_hadamard(m)[:, 1 : d + 1] * np.sqrt(lam) @ q.T)
+    out = Path(str(tmp_path))
+    with HJEPAMetricsLogger(TensorBoardWriter(out), spectrum_every=2) as logger:
+        for step in range(5):  # calls 0, 2 and 4 log the spectrum
+            logger.log_collapse_metrics(x, level=1, global_step=step)
+    acc = EventAccumulator(str(out), size_guidance={"histograms": 0})
+    acc.Reload()
+    events = acc.Histograms("train/collapse/level1_spectrum")
+    assert [e.step for e in events] == [0, 2, 4]
+    h = events[-1].histogram_value
+    want = np.log10(lam / lam[0])  # exact: the rows' spectrum is λ up to a scale
+    assert h.num == d
+    assert h.max == pytest.approx(0.0, abs=1e-12) and h.min == pytest.approx(want.min(), rel=1e-9)
+    assert h.sum == pytest.approx(want.sum(), rel=1e-9)
+
+
+def test_report_draws_the_logged_spectrum(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from hjepa_metrics import HJEPAMetricsLogger
+    from hjepa_metrics.cli import main
+    from writers import JSONLWriter
+
+    out = Path(str(tmp_path))
+    gen = torch.Generator().manual_seed(2)
+    with HJEPAMetricsLogger(JSONLWriter(out)) as logger:
+        for level in range(3):
+            logger.log_collapse_metrics(torch.randn(256, 16, generator=gen), level=level, global_step=0)
+    assert main(["report", str(out), "--out", str(out / "rep")]) == 0
+    assert "eigenspectrum.png" in capsys.readouterr().out
+    assert (out / "rep" / "10_eigenspectrum.png").stat().st_size > 1000
