@@ -183,7 +183,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
     out = args.out or str(Path(args.run).with_suffix("")) + "_report"
-    report = build_report(args.run, out, num_hierarchies=args.num_hierarchies, run=args.run_number)
+    report = build_report(
+        args.run, out, num_hierarchies=args.num_hierarchies, run=args.run_number, html=args.html
+    )
     print(report.text())
     return 0
 
@@ -263,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_report.add_argument("run", help="a metrics.jsonl file or the directory holding it")
     p_report.add_argument("--out", help="output folder (default: next to the run, <run>_report)")
+    p_report.add_argument(
+        "--html", action="store_true", help="also write report.html: one self-contained page (no network)"
+    )
     p_report.add_argument("--num-hierarchies", type=int, default=None, help="default: read from the tags")
     p_report.add_argument(
         "--run", dest="run_number", type=int, help="which run of a file that holds several (1 = first)"

@@ -15,7 +15,7 @@ from writers import RecordError, iter_jsonl
 from writers.records import one_run, run_file
 
 from . import registry
-from .alerts import DEFAULT_REPEAT_INTERVAL, FEATURE_DIM, Alert, AlertMonitor, saved_settings
+from .alerts import DEFAULT_REPEAT_INTERVAL, FEATURE_DIM, Alert, AlertMonitor, health_verdict, saved_settings
 from .layout import dashboard_tree
 from .replay import levels_in
 
@@ -26,6 +26,7 @@ class Report:
 
     out_dir: Path
     figures: list[Path] = field(default_factory=list)
+    page: Path | None = None
     alerts: list[Alert] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
 
@@ -34,6 +35,8 @@ class Report:
         lines.append(f"Alerts ({len(self.alerts)}):" if self.alerts else "Alerts: none")
         lines += [f"  - {a}" for a in self.alerts]
         lines += ["", f"Figures in {self.out_dir}:", *(f"  - {p.name}" for p in self.figures)]
+        if self.page is not None:
+            lines += ["", f"HTML report (self-contained): {self.page}"]
         return "\n".join(lines)
 
 
@@ -167,6 +170,7 @@ def build_report(
     *,
     num_hierarchies: int | None = None,
     run: int | None = None,
+    html: bool = False,
 ) -> Report:
     """Write ``NN_<category>.png`` per guide dashboard category and ``report.md`` into ``out_dir``.
 
@@ -253,4 +257,17 @@ def build_report(
     )
     md += ["", "## Dashboard", ""] + [f"![{p.stem}]({p.name})" for p in report.figures]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    if html:
+        from .report_html import html_page
+
+        report.page = out / "report.html"
+        page = html_page(
+            run=str(path),
+            verdict=health_verdict(monitor),
+            summary=report.summary,
+            alerts=report.alerts,
+            figures=report.figures,
+            config=config,
+        )
+        report.page.write_text(page, encoding="utf-8")
     return report
