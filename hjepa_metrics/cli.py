@@ -190,6 +190,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
+    result = compare_runs(args.runs, args.out)
+    print(result.text())
+    print(f"\nFigures and compare.html (self-contained) in {args.out}")
+    return 0
+
+
 def run_demo(argv: Sequence[str]) -> int:
     """``hjepa-metrics demo ARGS`` is ``python examples/train_hjepa.py ARGS``."""
     from importlib import import_module
@@ -273,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", dest="run_number", type=int, help="which run of a file that holds several (1 = first)"
     )
     p_report.set_defaults(func=_cmd_report)
+
+    p_compare = sub.add_parser(
+        "compare", help="overlay runs per dashboard category and tabulate each tag's last, min and max"
+    )
+    p_compare.add_argument("runs", nargs="+", help="metrics.jsonl files or the directories holding them")
+    p_compare.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p_compare.set_defaults(func=_cmd_compare)
 
     p_backends = sub.add_parser("backends", help="list the backends, their extras and what they write")
     p_backends.add_argument("--format", choices=("text", "markdown"), default="text")
