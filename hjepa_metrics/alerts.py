@@ -15,6 +15,8 @@ DEFAULT_REPEAT_INTERVAL = 100
 FEATURE_DIM = "collapse/level{level}_feature_dim"
 DEFAULT_MAX_KEPT = 1000
 CONFIG_KEY = "hjepa_metrics"
+# what AlertMonitor.settings() saves into a run's config, for a report to judge it the same way
+SETTINGS = ("num_hierarchies", "warmup_steps", "repeat_interval")
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,7 @@ class AlertMonitor:
     def settings(self) -> dict[str, int]:
         """What decides when this monitor reports, as the logger writes it into the run's config (key
         ``hjepa_metrics.alerts``), so that ``hjepa-metrics report`` judges the run as it was judged live."""
-        return {
-            "num_hierarchies": self.num_hierarchies,
-            "warmup_steps": self.warmup_steps,
-            "repeat_interval": self.repeat_interval,
-        }
+        return {key: getattr(self, key) for key in SETTINGS}
 
     def set_feature_dim(self, level: int, dim: int) -> None:
         """The feature width D of ``level``, for rules that scale with it (effective rank)."""
@@ -155,8 +153,9 @@ def saved_settings(config: Mapping[str, object]) -> dict[str, int]:
     saved = section.get("alerts") if isinstance(section, Mapping) else None
     if not isinstance(saved, Mapping):
         return {}
-    keys = ("num_hierarchies", "warmup_steps", "repeat_interval")
-    return {k: v for k, v in saved.items() if k in keys and isinstance(v, int) and not isinstance(v, bool)}
+    return {
+        k: v for k, v in saved.items() if k in SETTINGS and isinstance(v, int) and not isinstance(v, bool)
+    }
 
 
 @dataclass(frozen=True)

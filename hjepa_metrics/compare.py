@@ -16,7 +16,8 @@ from writers.records import DEFAULT_FILENAME, one_run, run_file
 from . import registry
 from .layout import dashboard_tree
 from .replay import levels_in
-from .report import _series, _slug
+from .report import label_panel, panel_grid, save_grid, series_by_tag, slug
+from .report_html import png_data_uri
 
 # A difference counts when it exceeds this many times the larger run's step-to-step noise.
 NOISE_FACTOR = 3.0
@@ -100,11 +101,10 @@ def compare_runs(paths: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     if len(paths) < 2:
         raise ValueError(f"runs: got {len(paths)}; expected at least two to compare")
-    runs = [_series(list(one_run(p, iter_jsonl(p)))) for p in paths]
+    runs = [series_by_tag(list(one_run(p, iter_jsonl(p)))) for p in paths]
     names = [run_name(p) for p in paths]
     if len(set(names)) < len(names):
         names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
@@ -114,44 +114,31 @@ def compare_runs(paths: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = max(levels_in(s) for s in runs)
-    cuda = any((m := registry.lookup(t)) is not None and m.spec.cuda_only for t in tags)
-    for index, (category, charts) in enumerate(dashboard_tree(n, cuda=cuda), start=1):
+    marked = {tag for tag, _, d in result.rows if d}
+    for index, (category, charts) in enumerate(dashboard_tree(n, cuda=registry.any_cuda_only(tags)), 1):
         panels = [
             tag for _, chart_tags in charts for tag in chart_tags if any(f"train/{tag}" in s for s in runs)
         ]
         if not panels:
             continue
-        cols = min(4, len(panels))
-        rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-        for ax, tag in zip(axes.flat, panels, strict=False):
+        fig, axes = panel_grid(len(panels))
+        for ax, tag in zip(axes, panels, strict=False):
             for name, series in zip(names, runs, strict=True):
                 if f"train/{tag}" in series:
                     steps, values = series[f"train/{tag}"]
                     ax.plot(steps, values, label=name)
-            mark = " *" if differs(runs, f"train/{tag}") else ""
-            ax.set_title(tag + mark, fontsize=8)
-            match = registry.lookup(tag)
-            ax.set_ylabel(match.spec.unit if match else "", fontsize=7)
-            ax.set_xlabel("step", fontsize=7)
-            ax.tick_params(labelsize=7)
+            label_panel(ax, tag + (" *" if f"train/{tag}" in marked else ""), tag)
             ax.legend(fontsize=6)
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.set_visible(False)
-        fig.suptitle(f"{category} (* differs beyond noise)")
-        fig.tight_layout()
-        target = out / f"{index:02d}_{_slug(category)}.png"
-        fig.savefig(target, dpi=80)
-        plt.close(fig)
-        result.figures.append(target)
+        title = f"{category} (* differs beyond noise)"
+        result.figures.append(
+            save_grid(fig, axes, len(panels), title, out / f"{index:02d}_{slug(category)}.png")
+        )
     result.page = out / "compare.html"
     result.page.write_text(_page(result), encoding="utf-8")
     return result
 
 
 def _page(result: Comparison) -> str:
-    import base64
-
     e = html.escape
     head = "".join(f"<th>{e(n)}</th>" for n in result.names)
     rows = "".join(
@@ -161,9 +148,7 @@ def _page(result: Comparison) -> str:
         for tag, stats, d in result.rows
     )
     images = "".join(
-        f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode("ascii")}"></figure>'
-        for p in result.figures
+        f'<figure><img alt="{e(p.stem)}" src="{png_data_uri(p)}"></figure>' for p in result.figures
     )
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Run comparison</title><style>"

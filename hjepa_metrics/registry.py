@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -787,6 +787,11 @@ def _lookup(tag: str) -> TagMatch | None:
             name = next(iter(groups.values()), None)
             return TagMatch(spec, level, name)
     return None
+
+
+def any_cuda_only(tags: Iterable[str]) -> bool:
+    """Whether any of ``tags`` is measured on CUDA devices only (a run that has them ran on CUDA)."""
+    return any((m := lookup(t)) is not None and m.spec.cuda_only for t in tags)
 
 
 def strip_prefix(tag: str) -> str:

@@ -74,8 +74,8 @@ def replay(
     base = contents.path.parent.resolve()
     counts: dict[str, int] = {}
     if not contents.has_layout:
-        cuda = any((m := registry.lookup(t)) is not None and m.spec.cuda_only for t in contents.tags)
-        writer.log_layout(dashboard_layout(num_hierarchies or levels_in(contents.tags), cuda=cuda))
+        levels = num_hierarchies or levels_in(contents.tags)
+        writer.log_layout(dashboard_layout(levels, cuda=registry.any_cuda_only(contents.tags)))
         counts["layout"] = 1
     for record in contents.records_in_order():  # the first pass warned of a torn line
         kind = record.get("kind", "scalars" if "metrics" in record else "unknown")

@@ -40,7 +40,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _series(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def series_by_tag(records: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     raw: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         for tag, value in r.get("metrics", {}).items():
@@ -155,12 +155,39 @@ def _spectrum_figure(records: list[dict[str, Any]], target: Path) -> Path | None
     return target
 
 
-def _spec_unit(tag: str) -> str:
+def panel_grid(count: int) -> tuple[Any, list[Any]]:
+    """A figure with ``count`` panels, at most 4 per row, and its axes in reading order."""
+    import matplotlib.pyplot as plt
+
+    cols = min(4, count)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    return fig, list(axes.flat)
+
+
+def label_panel(ax: Any, title: str, tag: str) -> None:
+    """Title, the step axis and the tag's unit from the registry."""
     match = registry.lookup(tag)
-    return match.spec.unit if match is not None else ""
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("step", fontsize=7)
+    ax.set_ylabel(match.spec.unit if match is not None else "", fontsize=7)
+    ax.tick_params(labelsize=7)
 
 
-def _slug(text: str) -> str:
+def save_grid(fig: Any, axes: list[Any], used: int, title: str, target: Path) -> Path:
+    """Hide the panels past ``used``, title the figure and write it to ``target``."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(target, dpi=80)
+    plt.close(fig)
+    return target
+
+
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
@@ -180,10 +207,9 @@ def build_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     records = list(one_run(path, iter_jsonl(path), run))
-    series = _series(records)
+    series = series_by_tag(records)
     if not series:
         raise RecordError(f"{run_file(path)}: no scalar records; nothing to report")
     config: dict[str, Any] = {}
@@ -207,15 +233,11 @@ def build_report(
         if "metrics" in r:
             monitor.check(r["metrics"], r["step"])
     report.alerts = list(monitor.fired)
-    cuda = any((m := registry.lookup(t)) is not None and m.spec.cuda_only for t in series)
-
-    for index, (category, charts) in enumerate(dashboard_tree(n, cuda=cuda), start=1):
+    for index, (category, charts) in enumerate(dashboard_tree(n, cuda=registry.any_cuda_only(series)), 1):
         # one panel per tag (train solid, val dashed): the guide's charts mix scales (rank next to std)
         panels = [(title, tag) for title, tags in charts for tag in tags]
-        cols = min(4, len(panels))
-        rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-        for ax, (title, tag) in zip(axes.flat, panels, strict=False):
+        fig, axes = panel_grid(len(panels))
+        for ax, (title, tag) in zip(axes, panels, strict=False):
             drawn = False
             for prefix, style in (("train/", "-"), ("val/", "--")):
                 if prefix + tag in series:
@@ -228,24 +250,17 @@ def build_report(
                 if alert.tag in (f"train/{tag}", f"val/{tag}"):
                     ax.axvline(alert.step, color="red", alpha=0.25, linewidth=1)
             name = tag.split("/", 1)[-1]
-            ax.set_title(name if title == tag else f"{title}: {name}", fontsize=8)
-            ax.set_xlabel("step", fontsize=7)
-            ax.set_ylabel(_spec_unit(tag), fontsize=7)
-            ax.tick_params(labelsize=7)
+            label_panel(ax, name if title == tag else f"{title}: {name}", tag)
             if drawn:
                 ax.legend(fontsize=6)
             else:
                 ax.text(
                     0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray"
                 )
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.set_visible(False)
-        fig.suptitle(f"{category} (red: alert)" if report.alerts else category)
-        fig.tight_layout()
-        target = out / f"{index:02d}_{_slug(category)}.png"
-        fig.savefig(target, dpi=80)
-        plt.close(fig)
-        report.figures.append(target)
+        title = f"{category} (red: alert)" if report.alerts else category
+        report.figures.append(
+            save_grid(fig, axes, len(panels), title, out / f"{index:02d}_{slug(category)}.png")
+        )
 
     spectrum = _spectrum_figure(records, out / f"{len(report.figures) + 1:02d}_eigenspectrum.png")
     if spectrum is not None:

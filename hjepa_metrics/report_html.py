@@ -32,6 +32,11 @@ window.addEventListener("load", () => {
 """
 
 
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI, so a page shows it with nothing to fetch."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def html_page(
     *,
     run: str,
@@ -53,8 +58,8 @@ def html_page(
         else "<p>No alert fired.</p>"
     )
     images = "".join(
-        f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode("ascii")}"><figcaption>{e(p.stem)}</figcaption></figure>'
+        f'<figure><img alt="{e(p.stem)}" src="{png_data_uri(p)}">'
+        f"<figcaption>{e(p.stem)}</figcaption></figure>"
         for p in figures
     )
     flat = flatten(config)

@@ -1,6 +1,11 @@
-"""Shared test helpers: input conversion and oracles' view of the input."""
+"""Shared test helpers: input conversion and oracles' view of the input, ports and started processes."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
 
 import numpy as np
 import torch
@@ -24,3 +29,23 @@ def as_float64(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 # Metrics compute in float32 (float64 for collapse); the oracle sees the already-rounded input.
 RTOL = 2e-5
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it forked: SIGTERM to its
+    group, then SIGKILL if it is still there after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

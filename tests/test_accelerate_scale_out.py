@@ -4,12 +4,12 @@ Accelerate's state is not fixed with defaults, one run per backend, values of th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from writers import read_jsonl
 
@@ -21,17 +21,11 @@ sys.path.insert(0, str(HERE))
 import torchrun_job as job  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_accelerate_launch_two_processes(tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     done = subprocess.run(
-        [*launch, "--main_process_port", str(_free_port()), str(HERE / "accelerate_job.py"), str(tmp_path)],
+        [*launch, "--main_process_port", str(free_port()), str(HERE / "accelerate_job.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

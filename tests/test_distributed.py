@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 import hjepa_metrics as hm
 from writers import read_jsonl
@@ -42,15 +42,9 @@ def _worker(rank: int, port: int, log_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_two_ranks_reduce_to_the_single_process_result(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     assert not (tmp_path / "rank1").exists()  # rank 1 built no writer at all
     records = [r for r in read_jsonl(tmp_path / "rank0") if "metrics" in r]
     logged = {k: v for r in records if r["step"] == 1 for k, v in r["metrics"].items()}

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from writers import build_writers, read_jsonl
 
@@ -109,12 +110,6 @@ def test_a_removed_log_dir_is_recreated(
     assert caplog.text.count("was removed; writing to a new file") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1, started and stopped (by process group) by the test."""
 
@@ -168,7 +163,7 @@ class MlflowServer:
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
     pytest.importorskip("mlflow.server", reason="the full mlflow package (its server) is not installed")
-    server = MlflowServer(tmp_path / "server.db", _free_port())
+    server = MlflowServer(tmp_path / "server.db", free_port())
     server.start()
     try:
         yield server

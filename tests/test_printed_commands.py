@@ -11,8 +11,6 @@ import pty
 import re
 import select
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port, stop_group
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -69,12 +68,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     return log_dir, commands
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _argv(command: str) -> list[str]:
     """The printed command as a shell would run it, from this interpreter's environment."""
     argv = shlex.split(command)
@@ -88,13 +81,7 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 def _wait_json(proc: subprocess.Popen[bytes], url: str, body: Any = None, timeout: float = 120) -> Any:
@@ -116,7 +103,7 @@ def test_printed_tensorboard_command_shows_the_named_run_dashboard_and_hparams(
     demo: tuple[Path, dict[str, str]], started: list[subprocess.Popen[bytes]]
 ) -> None:
     _, commands = demo
-    port = _free_port()
+    port = free_port()
     argv = [
         *_argv(commands["TensorBoard"]),
         "--host",
@@ -182,7 +169,7 @@ def test_printed_mlflow_ui_command_serves_the_run(
     demo: tuple[Path, dict[str, str]], started: list[subprocess.Popen[bytes]]
 ) -> None:
     _, commands = demo
-    port = _free_port()
+    port = free_port()
     argv = [*_argv(commands["MLflow"]), "--host", "127.0.0.1", "--port", str(port)]
     started.append(
         subprocess.Popen(

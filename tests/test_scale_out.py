@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port
 from torch import nn
 
 import hjepa_metrics as hm
@@ -48,12 +48,6 @@ def _models() -> tuple[Net, nn.Module]:
 def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + rank)
     return torch.randn(4, 8, generator=gen), torch.randn(4, 3, generator=gen)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _init(rank: int, port: int) -> None:
@@ -128,7 +122,7 @@ def _logged(log_dir: Path, step: int = 1) -> dict[str, float]:
 
 
 def test_fsdp2_statistics_equal_the_unsharded_model(tmp_path: Path) -> None:
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     logged = _logged(tmp_path)
     assert not list(tmp_path.glob("*rank1*"))
 
@@ -194,7 +188,7 @@ def _levels(rank: int) -> list[torch.Tensor]:
 
 
 def test_ddp_values_describe_the_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     logged = _logged(tmp_path)
 
     per_rank = [_losses(r) for r in range(WORLD)]
@@ -234,7 +228,7 @@ def _lonely_worker(rank: int, port: int, log_dir: str) -> None:
 
 
 def test_a_call_on_rank_0_only_is_reported_not_silent(tmp_path: Path) -> None:
-    mp.spawn(_lonely_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_lonely_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     said = (tmp_path / "log0.txt").read_text()
     assert "rank 0 has waited 1 s for the other 1 rank(s) in a logging call (RankReduce)" in said
     assert "under `if rank == 0:`" in said
@@ -265,7 +259,7 @@ def _validation_data() -> torch.Tensor:
 
 
 def test_validation_leaves_out_the_samplers_padding(tmp_path: Path) -> None:
-    mp.spawn(_validation_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_validation_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     logged = _logged(tmp_path, step=3)
     data = _validation_data()  # 5 samples on 2 ranks: 3 + 2, plus one padding copy
     want = {**hm.prediction_quality([data], [data.flip(-1)]), **hm.collapse_metrics(data)}

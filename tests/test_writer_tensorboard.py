@@ -5,10 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import free_port, stop_group
 
 from hjepa_metrics.layout import guide_layout, tensorboard_layout
 from writers.tensorboard import LAYOUT_TAG, TensorBoardWriter
@@ -113,12 +111,6 @@ def test_layout_written_once_as_the_proto_tensorboard_reads(tmp_path: Path) -> N
 # --- a real server -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(port: int, path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
         return json.loads(resp.read())
@@ -131,7 +123,7 @@ def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) 
         w.log_layout(guide_layout(3))
         for step in range(3):
             w.log_scalars({f"train/{t}": float(step) for t in registry.tags(3)}, step)
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("tensorboard")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tensorboard.main"]
     proc = subprocess.Popen(
@@ -178,9 +170,4 @@ def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) 
         points = _get(port, f"/data/plugin/scalars/scalars?run={run}&tag={tag}")
         assert [p[1] for p in points] == [0, 1, 2] and [p[2] for p in points] == [0.0, 1.0, 2.0]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=15)
