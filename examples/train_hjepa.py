@@ -148,14 +148,22 @@ class HJEPATrainer:
         """Prediction and collapse statistics over every validation batch, per level, logged once."""
         self.model.eval()
         val = self.logger.validation(prefix="val/")
+        levels: list[list[torch.Tensor]] = [[] for _ in range(self.logger.num_hierarchies)]
         with torch.no_grad():
             for batch in self.val_loader:
                 mask = self.masking_fn(batch["image"].shape[0])
                 output = self.model(batch["image"], mask, return_all_levels=True)
                 features = self.model.representations(output["context_features"])
                 val.update(predictions=output["predictions"], targets=output["targets"], features=features)
+                for kept, level_features in zip(levels, features, strict=True):
+                    kept.append(level_features)
         self.model.train()
-        return val.log(global_step=self.global_step)
+        values = val.log(global_step=self.global_step)
+        for level, kept in enumerate(levels):  # a projector sample and its PCA, labelled by image
+            tokens = torch.cat(kept)  # [images, patches, D]
+            image = torch.arange(tokens.shape[0])[:, None].expand(tokens.shape[:2])
+            self.logger.log_embedding(tokens, level, self.global_step, "val/", metadata=image, max_rows=500)
+        return values
 
     def save(self, path: Path) -> None:
         """Model, optimizer, schedule and step, for ``--resume``."""

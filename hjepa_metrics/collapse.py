@@ -107,9 +107,13 @@ class CollapseAccumulator:
     features' device), plus a sample of at most ``max_similarity_rows`` rows for ``max_similarity``:
     each row gets a key from a private generator seeded with ``seed`` and the rows with the smallest
     keys are kept, so the sample (and the result) is the same however the rows are split into batches.
+    With ``labelled=True`` every :meth:`update` also takes a number per row (a class id, say) that the
+    sample carries along (for :func:`hjepa_metrics.embedding.embedding_projection`).
     """
 
-    def __init__(self, *, level: int = 0, max_similarity_rows: int = 1024, seed: int = 0) -> None:
+    def __init__(
+        self, *, level: int = 0, max_similarity_rows: int = 1024, seed: int = 0, labelled: bool = False
+    ) -> None:
         if max_similarity_rows < 2:
             raise ValueError(f"max_similarity_rows: got {max_similarity_rows}; expected at least 2")
         self.level = level
@@ -123,6 +127,8 @@ class CollapseAccumulator:
         self.nonfinite_rows: torch.Tensor | None = None
         self._sample: torch.Tensor | None = None
         self._sample_keys: torch.Tensor | None = None
+        self.labelled = labelled
+        self._sample_labels: torch.Tensor | None = None
         # after compute(): log10(λ_i / λ₁) of the eigenvalues behind the effective rank, largest first,
         # −inf for those below the rounding level (a histogram drops them), on the device
         self.spectrum: torch.Tensor | None = None
@@ -131,13 +137,24 @@ class CollapseAccumulator:
     def dim(self) -> int | None:
         return None if self.gram is None else int(self.gram.shape[0])
 
-    def update(self, features: ArrayLike) -> None:
-        """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine), M, D ≥ 1."""
+    def update(self, features: ArrayLike, labels: torch.Tensor | None = None) -> None:
+        """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine), M, D ≥ 1;
+        ``labels`` ``[M]`` (any shape with M values) when the accumulator is ``labelled``."""
         x = as_features(features, "features")
         if x.shape[-1] == 0:
             raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one feature dim")
         x = x.reshape(-1, x.shape[-1])
         m, d = x.shape
+        if self.labelled != (labels is not None):
+            raise ValueError(
+                "labels: expected one per feature row (labelled accumulator)"
+                if self.labelled
+                else "labels: got labels; expected none (the accumulator was made with labelled=False)"
+            )
+        if labels is not None:
+            labels = labels.reshape(-1).to(torch.float64)
+            if labels.shape[0] != m:
+                raise ValueError(f"labels: got {labels.shape[0]} values; expected one per feature row ({m})")
         if self.gram is None:
             acc = accumulate_dtype(x.device)
             self.gram = torch.zeros(d, d, dtype=acc, device=x.device)
@@ -163,23 +180,40 @@ class CollapseAccumulator:
             self.nonfinite_rows += (~torch.isfinite(sq)).sum()
         self.count += m
         if m:  # no rows (a batch of padding only): the state is set up, nothing is added
-            self._update_sample(x)
+            self._update_sample(x, labels)
 
-    def _update_sample(self, x: torch.Tensor) -> None:
+    def _update_sample(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         keep = self.max_similarity_rows
         keys = torch.rand(x.shape[0], generator=self._generator).to(x.device)
+        labels = None if labels is None else labels.to(x.device)
         if keys.shape[0] > keep:  # only this batch's best candidates, never a copy of the whole batch
             idx = torch.topk(keys, keep, largest=False).indices
             rows, keys = x.index_select(0, idx), keys.index_select(0, idx)
+            labels = None if labels is None else labels.index_select(0, idx)
         else:
             rows = x.clone()  # the sample must not alias (or pin) the caller's tensor
         if self._sample is not None and self._sample_keys is not None:
             rows = torch.cat([self._sample, rows.to(self._sample.dtype)])
             keys = torch.cat([self._sample_keys, keys])
-            if keys.shape[0] > keep:
-                idx = torch.topk(keys, keep, largest=False).indices
-                rows, keys = rows.index_select(0, idx), keys.index_select(0, idx)
-        self._sample, self._sample_keys = rows, keys
+            if labels is not None and self._sample_labels is not None:
+                labels = torch.cat([self._sample_labels, labels])
+        self._keep_smallest(rows, keys, labels)
+
+    def _keep_smallest(self, rows: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Keep the sample's ``max_similarity_rows`` rows (and labels) with the smallest keys."""
+        if keys.shape[0] > self.max_similarity_rows:
+            idx = torch.topk(keys, self.max_similarity_rows, largest=False).indices
+            rows, keys = rows.index_select(0, idx), keys.index_select(0, idx)
+            labels = None if labels is None else labels.index_select(0, idx)
+        self._sample, self._sample_keys, self._sample_labels = rows, keys, labels
+
+    @property
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled rows ``[n, D]`` (the features as given) and their labels ``[n]`` (float64, or
+        ``None`` unless ``labelled``), in key order across calls and ranks."""
+        if self._sample is None:
+            raise ValueError("features: no rows were given; expected at least one row")
+        return self._sample, self._sample_labels
 
     def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
         """This rank's state as tensors whose SUM over ranks is the global state (see :meth:`load_sync`)."""
@@ -196,7 +230,7 @@ class CollapseAccumulator:
             sample[:n] = self._sample.to(sample.device, sample.dtype)
             keys[:n] = self._sample_keys.to(keys.device, keys.dtype)
         count = torch.tensor([float(self.count), float(n)], dtype=self.gram.dtype, device=self.gram.device)
-        return [
+        parts = [
             self.gram,
             self.row_sum,
             self.sq_norm_sum,
@@ -206,6 +240,12 @@ class CollapseAccumulator:
             slots(sample, rank, world),
             slots(keys, rank, world),
         ]
+        if self.labelled:
+            labels = torch.zeros(k, dtype=self.gram.dtype, device=self.gram.device)
+            if self._sample_labels is not None:
+                labels[:n] = self._sample_labels.to(labels.device, labels.dtype)
+            parts.append(slots(labels, rank, world))
+        return parts
 
     def load_sync(self, parts: list[torch.Tensor]) -> None:
         """Take the summed :meth:`sync_parts`; the ``max_similarity`` sample merges every rank's sample."""
@@ -216,10 +256,33 @@ class CollapseAccumulator:
         sizes = [int(n) for n in per_rank[1::2]]
         rows = torch.cat([samples[r, :n] for r, n in enumerate(sizes)])
         row_keys = torch.cat([keys[r, :n] for r, n in enumerate(sizes)])
-        if row_keys.shape[0] > self.max_similarity_rows:
-            idx = torch.topk(row_keys, self.max_similarity_rows, largest=False).indices
-            rows, row_keys = rows.index_select(0, idx), row_keys.index_select(0, idx)
-        self._sample, self._sample_keys = rows, row_keys
+        labels = torch.cat([parts[8][r, :n] for r, n in enumerate(sizes)]) if self.labelled else None
+        self._keep_smallest(rows, row_keys, labels)
+
+    def principal_axes(self, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(axes [D, k], variances [k], total)``: the top-``k`` eigenvectors of the centered Gram of
+        the unit rows (the effective rank's matrix) with their eigenvalues, largest first, and its
+        trace, all divided by M − 1 (per-row variances). Signs are fixed so each axis's largest
+        component is positive (an eigensolver may return either sign)."""
+        if self.gram is None or self.row_sum is None or self.count == 0:
+            raise ValueError("features: no rows were given; expected at least one row")
+        m = self.count
+        mean = self.row_sum / m
+        centered = torch.addr(self.gram, mean, mean, alpha=-m) / max(m - 1, 1)
+        # a non-finite row makes the Gram non-finite: the eigensolver would raise (zero axes instead)
+        finite = torch.isfinite(centered).all()
+        values, vectors = torch.linalg.eigh(torch.where(finite, centered, torch.zeros_like(centered)))
+        top = min(k, values.shape[0])
+        axes = vectors[:, -top:].flip(1)
+        signs = axes.gather(0, axes.abs().argmax(dim=0)[None]).sign()
+        axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
+        return axes, values[-top:].flip(0).clamp_min(0.0), centered.trace()
+
+    def mean_unit_row(self) -> torch.Tensor:
+        """The mean of the unit rows ``[D]`` (what :meth:`principal_axes` centers on)."""
+        if self.row_sum is None or self.count == 0:
+            raise ValueError("features: no rows were given; expected at least one row")
+        return self.row_sum / self.count
 
     def compute(self) -> RawValues:
         """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""

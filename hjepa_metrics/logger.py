@@ -20,7 +20,9 @@ from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor
 from .accumulator import RankReduce, Reduction
 from .alerts import CONFIG_KEY, Alert, AlertMonitor
 from .collapse import CollapseAccumulator
+from .distributed import reduce_accumulators
 from .ema import EMAAccumulator
+from .embedding import Projection, embedding_projection, label_codes, scatter_image
 from .gradients import ClippingAccumulator, GradientFlowAccumulator
 from .hierarchy import HierarchyAccumulator
 from .layout import dashboard_layout, guide_layout
@@ -189,6 +191,44 @@ class HJEPAMetricsLogger(MetricRouter):
             # the whole eigenspectrum, from the eigensolve the statistics already made
             self.log_histogram(f"{key[0]}collapse/level{level}_spectrum", state.spectrum, global_step)
         return values
+
+    def log_embedding(
+        self,
+        features: ArrayLike,
+        level: int = 0,
+        global_step: int | None = None,
+        prefix: str | None = None,
+        metadata: Any = None,
+        max_rows: int = 1000,
+    ) -> Projection:
+        """A sample of ``features`` ``[M, D]`` (or ``[..., D]``) for the backends' embedding views, and
+        its 2-D PCA scatter.
+
+        At most ``max_rows`` rows are drawn by the ``max_similarity`` sampler (private seed, the same
+        rows however batches are split, merged over ranks). They go to
+        ``collapse/level{l}_embedding`` (TensorBoard's projector, a W&B table, MLflow and JSONL TSV
+        files) with ``metadata``, one label per row (strings, or numbers such as class ids; numbers
+        only under torch.distributed). ``collapse/level{l}_pca`` is an image of the sample on the two
+        principal axes of the exact Gram of *all* rows (the effective rank's matrix), coloured by
+        label. Costs one Gram pass and a ``D×D`` eigensolve: call it every few hundred steps, or at
+        validation. Returns the :class:`~hjepa_metrics.embedding.Projection`.
+        """
+        if max_rows < 2:
+            raise ValueError(f"max_rows: got {max_rows}; expected at least 2")
+        codes, names = label_codes(metadata, self.world[1])
+        state = CollapseAccumulator(
+            level=level, max_similarity_rows=max_rows, seed=self.rank, labelled=codes is not None
+        )
+        state.update(features, codes)
+        reduce_accumulators([state], self.world, warn_after=self.collective_warning)
+        projection = embedding_projection(state, names)
+        step = self._at(global_step)
+        tag = f"{self.prefix if prefix is None else prefix}collapse/level{level}_"
+        write_embedding = getattr(self.writer, "log_embedding", None)  # optional in the writer protocol
+        if write_embedding is not None:
+            write_embedding(tag + "embedding", projection.rows, step, metadata=projection.labels)
+        self.writer.log_image(tag + "pca", scatter_image(projection.coords, projection.codes), step)
+        return projection
 
     def log_gradient_flow(
         self, model: NamedTensors, global_step: int | None = None, prefix: str | None = None

@@ -327,6 +327,22 @@ REGISTRY: tuple[TagSpec, ...] = (
         "rounding tolerance",
     ),
     TagSpec(
+        "collapse/level{level}_embedding",
+        "collapse",
+        "rows",
+        "A sample of the level {level} features for the backends' embedding projectors, from "
+        "log_embedding (rows, not a scalar)",
+        formula="at most max_rows rows [n, D] chosen by the max_similarity sampler, with one label per row",
+    ),
+    TagSpec(
+        "collapse/level{level}_pca",
+        "collapse",
+        "image",
+        "The level {level} embedding sample on the two principal axes of all rows, from log_embedding "
+        "(an image, not a scalar); one tight cluster or a line: collapse",
+        formula="(û_i − mean û) · v_k, v_1, v_2 the top eigenvectors of the centered Gram of the unit rows",
+    ),
+    TagSpec(
         "collapse/level{level}_feature_dim",
         "collapse",
         "dims",

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from writers import RecordError, Writer, iter_jsonl
 from writers._media import Histogram
 from writers.records import DEFAULT_FILENAME, one_run, run_file
@@ -64,10 +66,11 @@ def replay(
     """Write every record of the JSONL file (or ``metrics.jsonl`` in a directory) to ``writer``.
 
     Scalars keep their step and wall time, config and layout records are replayed, histograms keep their
-    buckets and images their PNG. A run without a layout record gets the dashboard layout for the number of
-    levels its tags show (or ``num_hierarchies``). Returns the number of records per kind. Every record
-    is checked before the first is written (:func:`scan_run`, unless ``run`` is its result): a bad
-    line, or an image path leading outside the run's directory, raises :class:`writers.RecordError`
+    buckets, images their PNG and embeddings their rows and labels. A run without a layout record gets
+    the dashboard layout for the number of levels its tags show (or ``num_hierarchies``). Returns the
+    number of records per kind. Every record is checked before the first is written (:func:`scan_run`,
+    unless ``run`` is its result): a bad line, or an image path leading outside the run's directory,
+    raises :class:`writers.RecordError`
     naming the file and the line.
     """
     contents = run if isinstance(run, RunContents) else scan_run(run)
@@ -88,19 +91,33 @@ def replay(
         elif kind == "histogram":
             writer.log_histogram(record["tag"], _histogram(record), record["step"])
         elif kind == "image":
-            writer.log_image(record["tag"], _image_bytes(base, record["path"]), record["step"])
+            writer.log_image(record["tag"], inside_run(base, record["path"]).read_bytes(), record["step"])
+        elif kind == "embedding":
+            embed = getattr(writer, "log_embedding", None)  # optional in the writer protocol
+            if embed is not None:
+                rows, labels = embedding_from_files(inside_run(base, record["path"]))
+                embed(record["tag"], rows, record["step"], metadata=labels)
         else:
             continue
         counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
-def _image_bytes(base: Path, relative: str) -> bytes:
-    """The PNG an image record points to; a symlink out of the run directory is refused too."""
+def inside_run(base: Path, relative: str) -> Path:
+    """The file or folder a record points to; a symlink out of the run directory is refused too."""
     path = (base / relative).resolve()
     if not path.is_relative_to(base):
         raise RecordError(f"{relative}: resolves to {path}, outside the run directory {base}; refused")
-    return path.read_bytes()
+    return path
+
+
+def embedding_from_files(folder: Path) -> tuple[np.ndarray, list[str] | None]:
+    """Rows ``[N, D]`` and labels from an embedding record's ``tensors.tsv`` and ``metadata.tsv``."""
+    rows = np.loadtxt(folder / "tensors.tsv", delimiter="\t", dtype=np.float32, ndmin=2)
+    labels_file = folder / "metadata.tsv"
+    if not labels_file.exists():
+        return rows, None
+    return rows, labels_file.read_text(encoding="utf-8").splitlines()
 
 
 def _histogram(record: dict[str, Any]) -> Histogram:

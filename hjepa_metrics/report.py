@@ -17,7 +17,7 @@ from writers.records import one_run, run_file
 from . import registry
 from .alerts import DEFAULT_REPEAT_INTERVAL, FEATURE_DIM, Alert, AlertMonitor, health_verdict, saved_settings
 from .layout import dashboard_tree
-from .replay import levels_in
+from .replay import inside_run, levels_in
 
 
 @dataclass
@@ -155,6 +155,31 @@ def _spectrum_figure(records: list[dict[str, Any]], target: Path) -> Path | None
     return target
 
 
+PCA = "collapse/level{level}_pca"
+
+
+def _pca_figure(records: list[dict[str, Any]], run_dir: Path, target: Path) -> Path | None:
+    """Each level's last PCA scatter (``log_embedding``) side by side, or ``None`` when none was logged."""
+    import matplotlib.pyplot as plt
+
+    last: dict[str, dict[str, Any]] = {}
+    for r in records:
+        match = registry.lookup(r["tag"]) if r.get("kind") == "image" else None
+        if match is not None and match.spec.template == PCA:
+            last[r["tag"]] = r
+    if not last:
+        return None
+    fig, axes = plt.subplots(1, len(last), figsize=(4 * len(last), 4.3), squeeze=False)
+    for ax, (tag, r) in zip(axes.flat, sorted(last.items()), strict=True):
+        ax.imshow(plt.imread(inside_run(run_dir.resolve(), r["path"])))
+        ax.set_title(f"{tag}, step {r['step']}\nsample on the 2 principal axes (colour: label)", fontsize=8)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(target, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return target
+
+
 def panel_grid(count: int) -> tuple[Any, list[Any]]:
     """A figure with ``count`` panels, at most 4 per row, and its axes in reading order."""
     import matplotlib.pyplot as plt
@@ -265,6 +290,11 @@ def build_report(
     spectrum = _spectrum_figure(records, out / f"{len(report.figures) + 1:02d}_eigenspectrum.png")
     if spectrum is not None:
         report.figures.append(spectrum)
+    pca = _pca_figure(
+        records, run_file(path).parent, out / f"{len(report.figures) + 1:02d}_embeddings_pca.png"
+    )
+    if pca is not None:
+        report.figures.append(pca)
     report.summary = summarize(series, n, report.alerts, sum(monitor.crossings.values()))
     md = ["# Training-health report", "", f"Run: `{path}`", "", *(f"- {line}" for line in report.summary), ""]
     md += ["## Alerts", ""] + (

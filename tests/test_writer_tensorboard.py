@@ -6,8 +6,6 @@ import io
 import json
 import math
 import re
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -16,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import free_port, stop_group
+from helpers import tensorboard_server
 
 from hjepa_metrics.layout import guide_layout, tensorboard_layout
 from writers.tensorboard import LAYOUT_TAG, TensorBoardWriter
@@ -111,11 +109,6 @@ def test_layout_written_once_as_the_proto_tensorboard_reads(tmp_path: Path) -> N
 # --- a real server -----------------------------------------------------------------------
 
 
-def _get(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-        return json.loads(resp.read())
-
-
 def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) -> None:
     from hjepa_metrics import registry
 
@@ -123,37 +116,13 @@ def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) 
         w.log_layout(guide_layout(3))
         for step in range(3):
             w.log_scalars({f"train/{t}": float(step) for t in registry.tags(3)}, step)
-    port = free_port()
-    exe = Path(sys.executable).with_name("tensorboard")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "tensorboard.main"]
-    proc = subprocess.Popen(
-        [
-            *cmd,
-            "--logdir",
-            str(tmp_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--reload_interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
+    with tensorboard_server(tmp_path) as get:
         deadline = time.monotonic() + 90
         layout: dict[str, Any] = {}
         tags: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "tensorboard exited"
-            try:
-                layout = _get(port, "/data/plugin/custom_scalars/layout")
-                tags = _get(port, "/data/plugin/scalars/tags")
-            except OSError:
-                time.sleep(0.5)
-                continue
+            layout = json.loads(get("/data/plugin/custom_scalars/layout"))
+            tags = json.loads(get("/data/plugin/scalars/tags"))
             if layout and tags.get(".", {}):
                 break
             time.sleep(0.5)
@@ -167,7 +136,5 @@ def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) 
             assert any(re.match(regex, tag) for tag in served), regex
         run = urllib.parse.quote(".")
         tag = urllib.parse.quote("train/loss/total")
-        points = _get(port, f"/data/plugin/scalars/scalars?run={run}&tag={tag}")
+        points = json.loads(get(f"/data/plugin/scalars/scalars?run={run}&tag={tag}"))
         assert [p[1] for p in points] == [0, 1, 2] and [p[2] for p in points] == [0.0, 1.0, 2.0]
-    finally:
-        stop_group(proc, grace=15)

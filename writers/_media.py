@@ -7,6 +7,7 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,43 @@ def image_png(image: Any, name: str = "image") -> bytes:
     if is_figure(image):
         return figure_png(image)
     return encode_png(image_hwc(image, name))
+
+
+@dataclass(frozen=True)
+class EmbeddingFiles:
+    """An embedding as TensorBoard projector files: ``tensors.tsv`` (one row per line, tab-separated
+    float32 values) and ``metadata.tsv`` (one label per line, no header: a single column), or ``None``."""
+
+    tensors: bytes
+    metadata: bytes | None
+    shape: tuple[int, int]
+
+
+def embedding_rows(values: Any, metadata: Sequence[str] | None, name: str) -> np.ndarray:
+    """``float32 [N, D]`` rows, N, D >= 1, checked against ``metadata`` (one label per row)."""
+    arr = to_numpy(values, name)
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise ValueError(f"{name}: got shape {arr.shape}; expected rows [N, D] with N, D >= 1")
+    if metadata is not None and len(metadata) != arr.shape[0]:
+        raise ValueError(
+            f"{name}: got {len(metadata)} metadata labels; expected one per row ({arr.shape[0]})"
+        )
+    return arr.astype(np.float32, copy=False)
+
+
+def embedding_files(
+    values: Any, metadata: Sequence[str] | None = None, name: str = "embedding"
+) -> EmbeddingFiles:
+    """The projector's TSV files of ``values`` ``[N, D]`` and ``metadata`` (tabs and line breaks in a
+    label become spaces: they would split it into columns or rows)."""
+    arr = embedding_rows(values, metadata, name)
+    buf = io.BytesIO()
+    np.savetxt(buf, arr, fmt="%.9g", delimiter="\t")
+    labels = None
+    if metadata is not None:
+        clean = (re.sub(r"[\t\r\n]", " ", str(label)) for label in metadata)
+        labels = "".join(f"{label}\n" for label in clean).encode("utf-8")
+    return EmbeddingFiles(buf.getvalue(), labels, (int(arr.shape[0]), int(arr.shape[1])))
 
 
 @dataclass(frozen=True)

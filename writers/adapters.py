@@ -50,6 +50,10 @@ class MetricsLoggerWriter(BaseWriter):
     def log_image(self, tag: str, image: Any, step: int) -> None:
         self._media("image", tag, image, step)
 
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        del metadata  # a log_metrics object's log_embedding, if any, takes (tag, values, step)
+        self._media("embedding", tag, values, step)
+
     def _flush(self) -> None:
         flush = getattr(self.target, "flush", None)
         if callable(flush):

@@ -7,10 +7,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from ._media import Histogram, image_png, is_figure, to_numpy
+from ._media import Histogram, embedding_rows, image_png, is_figure, to_numpy
 from .base import BaseWriter, LayoutDict, Location, Writer, check_step
 from .lifecycle import DEFAULT_TIMEOUT, due, lifecycle
 
@@ -221,6 +221,12 @@ class BackgroundWriter(BaseWriter):
         # matplotlib is not thread-safe: render figures here; copy arrays so training may reuse them
         snapshot = image_png(image, tag) if is_figure(image) else to_numpy(image, tag).copy()
         self._put("log_image", tag, snapshot, check_step(step))
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        if self.inner is not None and not hasattr(self.inner, "log_embedding"):  # optional in the protocol
+            return
+        rows = embedding_rows(values, metadata, tag).copy()  # training may reuse its tensor
+        self._put("log_embedding", tag, rows, check_step(step), None if metadata is None else list(metadata))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._put("log_config", dict(config))

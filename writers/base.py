@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -43,7 +43,9 @@ class Writer(Protocol):
     """Puts tagged values somewhere. Steps are ints; tags are full names (``train/loss/total``).
 
     The whole contract a caller may use; :class:`BaseWriter` gives a no-op default for each, so a
-    backend overrides only what it supports.
+    backend overrides only what it supports. One method is optional (a writer without it is skipped):
+    ``log_embedding(tag, values, step, metadata=None)``, rows ``[N, D]`` for the backend's embedding
+    view with one ``metadata`` label per row (see :meth:`BaseWriter.log_embedding`).
     """
 
     name: str
@@ -135,6 +137,7 @@ _LOGGING_METHODS = (
     "log_scalars",
     "log_histogram",
     "log_image",
+    "log_embedding",
     "log_config",
     "log_layout",
     "define_summaries",
@@ -207,6 +210,10 @@ class BaseWriter:
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
         del tag, image, step
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        """Rows ``values`` ``[N, D]`` for the backend's embedding view, one ``metadata`` label per row."""
+        del tag, values, step, metadata
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         del config

@@ -7,12 +7,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._files import WRITE_BYTES, AppendFile
-from ._media import histogram, image_png, png_size, safe_filename
+from ._media import embedding_files, histogram, image_png, png_size, safe_filename
 from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
 from .ranks import rank_suffix
 from .records import DEFAULT_FILENAME
@@ -137,6 +137,29 @@ class JSONLWriter(BaseWriter):
                 "height": height,
                 "width": width,
                 "channels": channels,
+            }
+        )
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        """The projector's TSV files beside the JSONL file, and a record pointing to them."""
+        step = check_step(step)
+        files = embedding_files(values, metadata, tag)
+        rel = Path("embeddings") / safe_filename(tag) / f"step_{step:010d}"
+        target = self.path.parent / rel
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "tensors.tsv").write_bytes(files.tensors)
+        if files.metadata is not None:
+            (target / "metadata.tsv").write_bytes(files.metadata)
+        self._append(
+            {
+                "kind": "embedding",
+                "step": step,
+                "wall_time": time.time(),
+                "tag": tag,
+                "path": rel.as_posix(),
+                "rows": files.shape[0],
+                "dim": files.shape[1],
+                "metadata": files.metadata is not None,
             }
         )
 

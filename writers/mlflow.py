@@ -10,12 +10,12 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._files import Outage
-from ._media import histogram, image_png, safe_filename
+from ._media import embedding_files, histogram, image_png, safe_filename
 from .base import (
     Backend,
     BaseWriter,
@@ -235,6 +235,15 @@ class MLflowWriter(BaseWriter):
         self._artifact(
             f"images/{safe_filename(tag)}", f"step_{check_step(step):010d}.png", image_png(image, tag)
         )
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        """Artifacts ``embeddings/<tag>/step_<N>/tensors.tsv`` (and ``metadata.tsv``): the files
+        TensorBoard's projector (or projector.tensorflow.org) loads."""
+        files = embedding_files(values, metadata, tag)
+        folder = f"embeddings/{safe_filename(tag)}/step_{check_step(step):010d}"
+        self._artifact(folder, "tensors.tsv", files.tensors)
+        if files.metadata is not None:
+            self._artifact(folder, "metadata.tsv", files.metadata)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         config = redact(config)  # secrets never reach a backend

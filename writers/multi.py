@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .base import BaseWriter, LayoutDict, Location, Writer
@@ -102,6 +102,15 @@ class MultiWriter(BaseWriter):
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
         self._each("log_image", lambda w: w.log_image(tag, image, step))
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        # optional in the protocol: a writer without it has no embedding view
+        self._each(
+            "log_embedding",
+            lambda w: (
+                w.log_embedding(tag, values, step, metadata=metadata) if hasattr(w, "log_embedding") else None
+            ),
+        )
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._each("log_config", lambda w: w.log_config(config))

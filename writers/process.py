@@ -21,10 +21,10 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from ._media import image_png, is_figure, to_numpy
+from ._media import embedding_rows, image_png, is_figure, to_numpy
 from .base import BaseWriter, LayoutDict, Location, Writer, check_step
 from .lifecycle import DEFAULT_TIMEOUT, lifecycle
 
@@ -328,6 +328,10 @@ class ProcessWriter(BaseWriter):
         if not isinstance(snapshot, (bytes, bytearray)):
             snapshot = to_numpy(snapshot, tag)
         self._call("log_image", tag, snapshot, check_step(step))
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        labels = None if metadata is None else list(metadata)
+        self._call("log_embedding", tag, embedding_rows(values, metadata, tag), check_step(step), labels)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._call("log_config", dict(config))

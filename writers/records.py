@@ -72,7 +72,7 @@ def checked_record(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise RecordError(f"{where}: got a JSON {type(record).__name__}; expected an object (a record)")
     kind = record.get("kind", "scalars" if "metrics" in record else None)
-    if kind in ("scalars", "histogram", "image"):
+    if kind in ("scalars", "histogram", "image", "embedding"):
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise RecordError(f"{where}: {kind} record has step {json.dumps(step)}; expected an integer")
@@ -92,10 +92,10 @@ def checked_record(record: Any, where: str) -> dict[str, Any]:
         record["metrics"] = decoded
     elif kind == "histogram":
         _check_histogram(record, where)
-    elif kind == "image":
+    elif kind in ("image", "embedding"):
         if not isinstance(record.get("tag"), str):
-            raise RecordError(f"{where}: image record has no string 'tag'")
-        record["path"] = safe_relative_path(record.get("path"), where)
+            raise RecordError(f"{where}: {kind} record has no string 'tag'")
+        record["path"] = safe_relative_path(record.get("path"), where, kind)
     elif kind in ("config", "layout") and not isinstance(record.get(kind), Mapping):
         raise RecordError(f"{where}: {kind} record has no {kind!r} object")
     return record
@@ -117,13 +117,13 @@ def _check_histogram(record: dict[str, Any], where: str) -> None:
     record["edges"], record["counts"] = values[: len(edges)], values[len(edges) :]
 
 
-def safe_relative_path(path: Any, where: str) -> str:
+def safe_relative_path(path: Any, where: str, kind: str = "image") -> str:
     """``path`` if it is a relative path that stays inside the run's directory, else a RecordError."""
     if not isinstance(path, str) or not path:
-        raise RecordError(f"{where}: image record has path {path!r}; expected a relative file path")
+        raise RecordError(f"{where}: {kind} record has path {path!r}; expected a relative path")
     parts = PurePosixPath(path.replace("\\", "/")).parts
     if path.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise RecordError(f"{where}: image path {path!r} leads outside the run directory; refused")
+        raise RecordError(f"{where}: {kind} path {path!r} leads outside the run directory; refused")
     return path
 
 

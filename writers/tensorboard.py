@@ -9,13 +9,13 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from ._files import AppendFile, Outage
-from ._media import histogram, image_png, png_size
+from ._media import embedding_files, histogram, image_png, png_size, safe_filename
 from .base import (
     Backend,
     BaseWriter,
@@ -145,6 +145,9 @@ def layout_proto(layout: LayoutDict) -> Any:
                 chart.multiline.tag.extend(exact_regex(str(t)) for t in child.get("children", []))
     return proto
 
+
+# What TensorBoard's projector plugin reads in a run directory.
+PROJECTOR_CONFIG = "projector_config.pbtxt"
 
 # What resume reads from the end of an event file (doubled while it holds no scalar event).
 _TAIL_BYTES = 1 << 18
@@ -298,6 +301,38 @@ class TensorBoardWriter(BaseWriter):
             height=height, width=width, colorspace=channels, encoded_image_string=png
         )
         self._event(step, [*self._session_start(), self._p.summary_pb2.Summary.Value(tag=tag, image=img)])
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        """Files for TensorBoard's projector tab: ``projector/<tag>/step_<N>/tensors.tsv`` (and
+        ``metadata.tsv``) in the run directory, listed as ``<tag>:<step>`` in the run's
+        ``projector_config.pbtxt``. The config is read, extended and replaced atomically on each call,
+        so entries from an earlier or resumed run stay (one per tag and step)."""
+        try:
+            from google.protobuf import text_format
+            from tensorboard.plugins.projector import projector_config_pb2
+        except ImportError as exc:
+            raise missing_extra("TensorBoard", "tensorboard") from exc
+        step = check_step(step)
+        files = embedding_files(values, metadata, tag)
+        rel = Path("projector") / safe_filename(tag) / f"step_{step:010d}"
+        (self.logdir / rel).mkdir(parents=True, exist_ok=True)
+        (self.logdir / rel / "tensors.tsv").write_bytes(files.tensors)
+        config_path = self.logdir / PROJECTOR_CONFIG
+        config = projector_config_pb2.ProjectorConfig()
+        if config_path.exists():
+            text_format.Parse(config_path.read_text(encoding="utf-8"), config)
+        name = f"{tag}:{step}"
+        kept = [e for e in config.embeddings if e.tensor_name != name]
+        del config.embeddings[:]
+        config.embeddings.extend(kept)
+        entry = config.embeddings.add(tensor_name=name, tensor_path=(rel / "tensors.tsv").as_posix())
+        entry.tensor_shape.extend(files.shape)
+        if files.metadata is not None:
+            (self.logdir / rel / "metadata.tsv").write_bytes(files.metadata)
+            entry.metadata_path = (rel / "metadata.tsv").as_posix()
+        partial = config_path.with_name(PROJECTOR_CONFIG + ".tmp")
+        partial.write_text(text_format.MessageToString(config), encoding="utf-8")
+        os.replace(partial, config_path)
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
         """The tags a run is judged by become the HParams tab's metric columns (globs are skipped)."""

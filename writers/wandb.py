@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._media import histogram, image_hwc, is_figure
+from ._media import embedding_rows, histogram, image_hwc, is_figure
 from .base import (
     Backend,
     BaseWriter,
@@ -189,6 +189,17 @@ class WandbWriter(BaseWriter):
         else:
             data = image if is_figure(image) else image_hwc(image, tag)
         self._add(step, {tag: self._wandb.Image(data)})
+
+    def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
+        """A ``wandb.Table`` with a column per dimension (``d0``, ``d1``, ...) after a ``label`` column
+        when there is metadata: the layout W&B's 2D Projection panel reads."""
+        rows = embedding_rows(values, metadata, tag)
+        columns = [f"d{i}" for i in range(rows.shape[1])]
+        data = rows.tolist()
+        if metadata is not None:
+            columns = ["label", *columns]
+            data = [[str(label), *row] for label, row in zip(metadata, data, strict=True)]
+        self._add(step, {tag: self._wandb.Table(columns=columns, data=data)})
 
     def define_summaries(self, summaries: Mapping[str, str]) -> None:
         """``define_metric(name, summary=...)`` per tag or glob, on the ``global_step`` axis."""
