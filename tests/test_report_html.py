@@ -37,6 +37,7 @@ def _run(path: Path) -> Path:
             base = torch.randn(1, 16, generator=gen)
             rows = base + (1.0 - step / 30) * torch.randn(128, 16, generator=gen)
             logger.log_collapse_metrics(rows, level=0, global_step=step)
+        logger.log_embedding(rows, level=0, global_step=29, metadata=list(range(128)))
     return path
 
 
@@ -47,7 +48,8 @@ def test_html_report_is_self_contained_and_renders_in_chromium(tmp_path: Path) -
     assert main(["report", str(run), "--out", str(out), "--html"]) == 0
     page = (out / "report.html").read_text(encoding="utf-8")
     figures = sorted(out.glob("*.png"))
-    assert len(figures) >= 10  # the dashboard categories and the eigenspectrum
+    assert len(figures) >= 11  # the dashboard categories, the eigenspectrum and the PCA scatter
+    assert figures[-1].name.endswith("_embeddings_pca.png")
     assert page.count("<img ") == len(figures)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing to fetch: no network needed
     assert "Health: COLLAPSE" in page and "toy &lt;b&gt;" in page  # the verdict; config escaped
