@@ -87,11 +87,12 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         first = values[keys[0]]
         assert isinstance(first, torch.Tensor)
         device = first.device
-        dtype = accumulate_dtype(device)
         tensors = [values[k] for k in keys]
         if all(t.dim() == 0 and t.device == device for t in tensors):  # type: ignore[union-attr]
-            packed = torch.stack(tensors).to(dtype)  # type: ignore[arg-type]  # promotes mixed dtypes
+            # stack promotes mixed dtypes; tolist() reads any float dtype exactly, so no cast is needed
+            packed = torch.stack(tensors)  # type: ignore[arg-type]
         else:
+            dtype = accumulate_dtype(device)
             packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
         out.update(zip(keys, host_list(packed), strict=True))
     return {k: out[k] for k in values}

@@ -27,7 +27,7 @@ from .gradients import ClippingAccumulator, GradientFlowAccumulator
 from .hierarchy import HierarchyAccumulator
 from .layout import dashboard_layout, guide_layout
 from .learning_rate import group_learning_rates, with_base_lr
-from .losses import checked_weights, hierarchical_losses, loss_inputs
+from .losses import checked_weights, loss_inputs, losses_from_inputs
 from .masking import MaskingAccumulator
 from .performance import cuda_memory_metrics, timing_metrics
 from .prediction import PredictionAccumulator, checked_level_pairs
@@ -151,9 +151,7 @@ class HJEPAMetricsLogger(MetricRouter):
             [inputs],
             global_step,
             prefix,
-            then=lambda v: hierarchical_losses(
-                v, num_hierarchies=self.num_hierarchies, hierarchy_weights=self.hierarchy_weights
-            ),
+            then=lambda v: losses_from_inputs(v, self.hierarchy_weights),
         )
 
     def log_masking_statistics(

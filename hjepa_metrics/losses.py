@@ -48,7 +48,13 @@ def hierarchical_losses(
     keys. ``loss/contribution_h{i} = 100 · w_i·loss_h{i} / Σ_j w_j·loss_h{j}`` so the shares sum
     to 100; they are omitted when that denominator is not positive.
     """
-    inputs = to_host(loss_inputs(loss_dict, num_hierarchies))
+    return losses_from_inputs(to_host(loss_inputs(loss_dict, num_hierarchies)), hierarchy_weights)
+
+
+def losses_from_inputs(
+    inputs: Mapping[str, float], hierarchy_weights: Sequence[float] | None
+) -> dict[str, float]:
+    """:func:`hierarchical_losses` of inputs already checked by :func:`loss_inputs` and read to the host."""
     levels = [v for k, v in inputs.items() if _LEVEL_KEY.match(k)]
     weights = checked_weights(hierarchy_weights, len(levels))
     out = {"loss/total": inputs["loss"], **{f"loss/h{i}": v for i, v in enumerate(levels)}}
