@@ -10,6 +10,7 @@ import torch
 from helpers import as_float64, convert
 
 from hjepa_metrics import collapse_metrics
+from hjepa_metrics.collapse import _screened_max_product, max_offdiagonal_product, unit_rows
 
 TAG = "collapse/level0_"
 
@@ -153,6 +154,37 @@ def test_wide_features_split_products_match_float64_brute_force() -> None:
     want = brute_force(as_float64(x))
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def _rows(case: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(400, 96, generator=gen)
+    if case == "near-collapse":  # every row close to one direction: the screen keeps too many rows
+        x = 0.01 * x + torch.randn(1, 96, generator=gen)
+    elif case == "duplicate":  # one pair at exactly 1, far above the rest
+        x[7] = 2.0 * x[300]
+    elif case == "close pairs":  # several pairs within the float32 error of each other
+        for i in range(5):
+            x[10 + i] = x[200 + i] + 1e-7 * torch.randn(96, generator=gen)
+    elif case == "nan row":
+        x[3, 5] = math.nan
+    return x
+
+
+@pytest.mark.parametrize("case", ["random", "near-collapse", "duplicate", "close pairs", "nan row"])
+def test_max_product_screened_in_float32_is_the_float64_maximum(case: str) -> None:
+    u, _ = unit_rows(_rows(case), torch.float64)
+    screened = _screened_max_product(u)
+    assert (screened is None) == (case in ("near-collapse", "nan row"))  # those fall back to float64
+    un = u.numpy()
+    sim = un @ un.T
+    np.fill_diagonal(sim, -np.inf)
+    want = np.nanmax(sim) if case != "nan row" else math.nan
+    got = float(max_offdiagonal_product(u))
+    if case == "nan row":
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(want, rel=1e-14, abs=1e-15)
 
 
 def _hadamard(m: int) -> np.ndarray:
