@@ -39,7 +39,8 @@ _PALETTE = np.array(
 class Projection:
     """A level's embedding sample: ``rows`` ``[n, D]`` (the features as given, float32, CPU), one
     ``labels`` string per row (or ``None``), ``coords`` ``[n, 2]`` (the centered unit rows on the two
-    principal axes, float64) and ``explained``: the fraction of the total variance on each axis."""
+    principal axes, float64), ``explained``: the fraction of the total variance on each axis, and
+    ``codes`` ``[n]``: the labels as numbers (what colours the scatter), or ``None``."""
 
     rows: torch.Tensor
     labels: list[str] | None
