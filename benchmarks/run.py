@@ -377,7 +377,9 @@ def bench_log_latency(calls: int) -> list[Row]:
             "backends": ["tensorboard", "wandb", "mlflow", "jsonl"],
             "wandb": {"mode": "offline", "project": "bench"},
         }
-        writer = build_writers(cfg)
+        # MLflow's store drains the burst at ~4,000 scalars/s: close() waits for it (by default it would
+        # give up after 10 s and leave the writer process writing into a directory removed below)
+        writer = build_writers({**cfg, "timeout": 120})
         times = []
         for step in range(calls):
             start = time.perf_counter()
