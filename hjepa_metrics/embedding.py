@@ -8,6 +8,7 @@ rank counts, over all rows, not only the sampled ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._tensor import ArrayLike, as_features
 from .collapse import CollapseAccumulator, unit_rows
+
+log = logging.getLogger(__name__)
 
 # matplotlib's tab10: colours of the first ten labels (more labels cycle)
 _PALETTE = np.array(
@@ -70,9 +74,37 @@ def label_codes(metadata: Any, world: int = 1) -> tuple[torch.Tensor | None, lis
     return torch.tensor([float(index[str(v)]) for v in values], dtype=torch.float64), names
 
 
-def embedding_projection(state: CollapseAccumulator, names: Sequence[str] | None = None) -> Projection:
-    """The sample of ``state`` (already reduced over ranks) projected on its two principal axes;
-    ``names`` turns label codes back into the strings they came from (see :func:`label_codes`)."""
+def finite_rows(
+    features: ArrayLike, codes: torch.Tensor | None, name: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows ``[M, D]`` of ``features`` (leading dims flattened) without those holding a NaN or an
+    inf, with their label codes: one such row would make the Gram, and so every coordinate, NaN. Says
+    how many were left out (a warning: training goes on)."""
+    x = as_features(features, name)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected at least one feature dim")
+    x = x.reshape(-1, x.shape[-1])
+    if codes is not None and codes.shape[0] != x.shape[0]:
+        raise ValueError(f"labels: got {codes.shape[0]} values; expected one per feature row ({x.shape[0]})")
+    finite = torch.isfinite(x).all(dim=1)
+    kept = int(finite.sum())  # a host read: embeddings are logged now and then, not every step
+    if kept == x.shape[0]:
+        return x, codes
+    log.warning(
+        "%s: %d of %d rows hold NaN/inf values and are left out of the embedding and its PCA",
+        name,
+        x.shape[0] - kept,
+        x.shape[0],
+    )
+    return x[finite], None if codes is None else codes[finite.to(codes.device)]
+
+
+def embedding_projection(state: CollapseAccumulator, names: Sequence[str] | None = None) -> Projection | None:
+    """The sample of ``state`` (already reduced over ranks) projected on its two principal axes, or
+    ``None`` when it holds no row; ``names`` turns label codes back into the strings they came from
+    (see :func:`label_codes`)."""
+    if state.count == 0:
+        return None
     rows, codes = state.sample
     axes, variances, total = state.principal_axes(2)
     u, _ = unit_rows(rows, axes.dtype)

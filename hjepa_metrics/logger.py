@@ -6,6 +6,7 @@ metric modules, cross-rank reduction in :mod:`.distributed`, writer plumbing in 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from .alerts import CONFIG_KEY, Alert, AlertMonitor
 from .collapse import CollapseAccumulator
 from .distributed import reduce_accumulators
 from .ema import EMAAccumulator
-from .embedding import Projection, embedding_projection, label_codes, scatter_image
+from .embedding import Projection, embedding_projection, finite_rows, label_codes, scatter_image
 from .gradients import ClippingAccumulator, GradientFlowAccumulator
 from .hierarchy import HierarchyAccumulator
 from .layout import dashboard_layout, guide_layout
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from .validation import ValidationAccumulator
 
 RankReduction = Literal["mean", "local"]
+
+log = logging.getLogger(__name__)
 
 
 class HJEPAMetricsLogger(MetricRouter):
@@ -198,7 +201,7 @@ class HJEPAMetricsLogger(MetricRouter):
         prefix: str | None = None,
         metadata: Any = None,
         max_rows: int = 1000,
-    ) -> Projection:
+    ) -> Projection | None:
         """A sample of ``features`` ``[M, D]`` (or ``[..., D]``) for the backends' embedding views, and
         its 2-D PCA scatter.
 
@@ -209,7 +212,8 @@ class HJEPAMetricsLogger(MetricRouter):
         only under torch.distributed). ``collapse/level{l}_pca`` is an image of the sample on the two
         principal axes of the exact Gram of *all* rows (the effective rank's matrix), coloured by
         label. Costs one Gram pass and a ``D×D`` eigensolve: call it every few hundred steps, or at
-        validation. Returns the :class:`~hjepa_metrics.embedding.Projection`.
+        validation. Rows holding NaN/inf are left out with a warning. Returns the
+        :class:`~hjepa_metrics.embedding.Projection` (``None``, with a warning, when no row is finite).
         """
         if max_rows < 2:
             raise ValueError(f"max_rows: got {max_rows}; expected at least 2")
@@ -217,9 +221,15 @@ class HJEPAMetricsLogger(MetricRouter):
         state = CollapseAccumulator(
             level=level, max_similarity_rows=max_rows, seed=self.rank, labelled=codes is not None
         )
-        state.update(features, codes)
+        rows, codes = finite_rows(features, codes)
+        state.update(rows, codes)  # no row on this rank is fine: the reduction still takes place
         reduce_accumulators([state], self.world, warn_after=self.collective_warning)
         projection = embedding_projection(state, names)
+        if projection is None:
+            log.warning(
+                "log_embedding: no finite row of level %d features on any rank; nothing logged", level
+            )
+            return None
         step = self._at(global_step)
         tag = f"{self.prefix if prefix is None else prefix}collapse/level{level}_"
         write_embedding = getattr(self.writer, "log_embedding", None)  # optional in the writer protocol

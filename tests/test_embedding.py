@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import urllib.parse
@@ -73,6 +74,23 @@ def test_string_labels_and_all_rows_when_there_are_few(tmp_path: Path) -> None:
         p = logger.log_embedding(x, level=0, global_step=1, metadata=names)
     assert p.labels == names  # fewer rows than max_rows: every row, in order
     np.testing.assert_array_equal(p.rows.numpy(), x.numpy())
+
+
+def test_rows_with_nan_are_left_out_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    x = _features(rows=60, dim=6)
+    x[[3, 17], 2] = math.nan
+    x[40, 0] = math.inf
+    with hm.HJEPAMetricsLogger(JSONLWriter(tmp_path / "m.jsonl")) as logger:
+        p = logger.log_embedding(x, level=2, global_step=1, metadata=torch.arange(60))
+        assert p is not None and "3 of 60 rows hold NaN/inf values" in caplog.text
+        kept = [i for i in range(60) if i not in (3, 17, 40)]
+        assert p.labels == [str(i) for i in kept]
+        coords, _ = _pca_oracle(x[kept].double().numpy(), x[kept].double().numpy())
+        np.testing.assert_allclose(p.coords.numpy(), coords, rtol=1e-9, atol=1e-12)
+        caplog.clear()
+        assert logger.log_embedding(torch.full((5, 6), math.nan), level=2, global_step=2) is None
+        assert "no finite row of level 2" in caplog.text
+    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl") if r.get("kind") == "embedding"] == [1]
 
 
 @pytest.mark.parametrize(
