@@ -124,16 +124,22 @@ def summarize(
 SPECTRUM = "collapse/level{level}_spectrum"
 
 
+def _last_records(records: list[dict[str, Any]], kind: str, template: str) -> dict[str, dict[str, Any]]:
+    """The last record of ``kind`` per tag whose registry template is ``template`` (any prefix)."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in records:
+        match = registry.lookup(r["tag"]) if r.get("kind") == kind else None
+        if match is not None and match.spec.template == template:
+            last[r["tag"]] = r
+    return last
+
+
 def _spectrum_figure(records: list[dict[str, Any]], target: Path) -> Path | None:
     """A log-log chart of each level's last logged eigenspectrum (``λ_i/λ₁`` against ``i``), rebuilt from
     its histogram (bucket resolution), or ``None`` when no spectrum was logged."""
     import matplotlib.pyplot as plt
 
-    last: dict[str, dict[str, Any]] = {}
-    for r in records:
-        match = registry.lookup(r["tag"]) if r.get("kind") == "histogram" else None
-        if match is not None and match.spec.template == SPECTRUM:
-            last[r["tag"]] = r
+    last = _last_records(records, "histogram", SPECTRUM)
     if not last:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -162,11 +168,7 @@ def _pca_figure(records: list[dict[str, Any]], run_dir: Path, target: Path) -> P
     """Each level's last PCA scatter (``log_embedding``) side by side, or ``None`` when none was logged."""
     import matplotlib.pyplot as plt
 
-    last: dict[str, dict[str, Any]] = {}
-    for r in records:
-        match = registry.lookup(r["tag"]) if r.get("kind") == "image" else None
-        if match is not None and match.spec.template == PCA:
-            last[r["tag"]] = r
+    last = _last_records(records, "image", PCA)
     if not last:
         return None
     fig, axes = plt.subplots(1, len(last), figsize=(4 * len(last), 4.3), squeeze=False)
