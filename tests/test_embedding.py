@@ -112,9 +112,13 @@ def test_bad_input_is_named(tmp_path: Path, kwargs: dict[str, object], message: 
 def test_projector_files_are_served_by_a_live_tensorboard(tmp_path: Path) -> None:
     x = _features()
     labels = [f"img{i}\twith a tab" for i in range(600)]
-    with hm.HJEPAMetricsLogger(TensorBoardWriter(tmp_path / "run")) as logger:
+    writer = TensorBoardWriter(tmp_path / "run")
+    assert "Projector" not in str(writer.locations()[0])
+    with hm.HJEPAMetricsLogger(writer) as logger:
         first = logger.log_embedding(x, level=1, global_step=10, metadata=labels, max_rows=64)
         second = logger.log_embedding(x * 2, level=1, global_step=20, max_rows=64)
+    assert first is not None and second is not None
+    assert "embeddings: Projector tab" in str(writer.locations()[0])  # the run's "where to look" line
     with tensorboard_server(tmp_path) as get:
         deadline = time.monotonic() + 60
         while not (runs := json.loads(get("/data/plugin/projector/runs"))) and time.monotonic() < deadline:

@@ -248,7 +248,10 @@ class TensorBoardWriter(BaseWriter):
         # TensorBoard names a run by its directory under --logdir: the parent makes this run
         # `<logdir.name>` beside its siblings (opened on the run itself, it would be called ".").
         # The hint stays out of the command, so the printed command runs as pasted.
-        where = f"{self.logdir}  (run {self.logdir.name!r}; the guide's dashboard: Custom Scalars tab)"
+        tabs = "the guide's dashboard: Custom Scalars tab"
+        if (self.logdir / PROJECTOR_CONFIG).exists():
+            tabs += "; embeddings: Projector tab"
+        where = f"{self.logdir}  (run {self.logdir.name!r}; {tabs})"
         return [Location("TensorBoard", where, f"tensorboard --logdir {self.logdir.parent}")]
 
     def _event(self, step: int, values: list[Any], wall_time: float | None = None) -> None:
