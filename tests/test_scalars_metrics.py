@@ -150,6 +150,7 @@ def test_stability_against_numpy() -> None:
 
 def test_stability_skips_and_counts_non_finite() -> None:
     got = training_stability([1.0, math.nan, 3.0, math.inf, torch.tensor(2.0)])
+    assert got == training_stability([1.0, math.nan, 3, math.inf, np.float32(2.0)])  # plain numbers' path
     assert got["stability/nonfinite_count"] == 2
     assert got["stability/loss_smoothness"] == pytest.approx(np.std([1.0, 3.0, 2.0]))
     assert "stability/loss_trend_slope" not in got  # needs 5 finite values
