@@ -63,13 +63,20 @@ def max_offdiagonal_product(u: torch.Tensor) -> torch.Tensor:
     return _split_max_product(u)
 
 
-def _split_max_product(u: torch.Tensor) -> torch.Tensor:
-    n = u.shape[0]
-    a, b = u[: n // 2], u[n // 2 :]
-    aa, bb = a @ a.T, b @ b.T
+def _split_products(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The upper blocks ``(aa, ab, bb)`` of ``v vᵀ`` split at ``n // 2`` rows, the diagonals of ``aa``
+    and ``bb`` (each row with itself) set to −inf."""
+    n = v.shape[0]
+    a, b = v[: n // 2], v[n // 2 :]
+    aa, ab, bb = a @ a.T, a @ b.T, b @ b.T
     aa.fill_diagonal_(-math.inf)
     bb.fill_diagonal_(-math.inf)
-    return torch.stack([aa.max(), (a @ b.T).max(), bb.max()]).max()
+    return aa, ab, bb
+
+
+def _split_max_product(u: torch.Tensor) -> torch.Tensor:
+    aa, ab, bb = _split_products(u)
+    return torch.stack([aa.max(), ab.max(), bb.max()]).max()
 
 
 def _screened_max_product(u: torch.Tensor) -> torch.Tensor | None:
@@ -81,11 +88,7 @@ def _screened_max_product(u: torch.Tensor) -> torch.Tensor | None:
     more than a quarter of the rows (near-identical rows: the plain float64 product is then cheaper)
     or the products are not finite."""
     n, d = u.shape
-    lo = u.to(torch.float32)
-    a, b = lo[: n // 2], lo[n // 2 :]
-    aa, ab, bb = a @ a.T, a @ b.T, b @ b.T
-    aa.fill_diagonal_(-math.inf)
-    bb.fill_diagonal_(-math.inf)
+    aa, ab, bb = _split_products(u.to(torch.float32))
     row_max = torch.cat(
         [torch.maximum(aa.amax(dim=1), ab.amax(dim=1)), torch.maximum(ab.amax(dim=0), bb.amax(dim=1))]
     )
@@ -137,6 +140,14 @@ def spectrum_alpha(eig: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return torch.where(finite & (k >= 3), -slope, torch.full_like(slope, math.nan))
 
 
+def feature_rows(features: ArrayLike, name: str = "features") -> torch.Tensor:
+    """``features`` ``[M, D]`` or ``[..., D]`` as rows ``[M, D]`` (leading dims flattened), D ≥ 1."""
+    x = as_features(features, name)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected at least one feature dim")
+    return x.reshape(-1, x.shape[-1])
+
+
 class CollapseAccumulator:
     """Exact collapse statistics over rows seen in any number of :meth:`update` calls.
 
@@ -177,10 +188,7 @@ class CollapseAccumulator:
     def update(self, features: ArrayLike, labels: torch.Tensor | None = None) -> None:
         """Add rows: ``[M, D]`` or ``[..., D]`` (flattened; non-contiguous views are fine), M, D ≥ 1;
         ``labels`` ``[M]`` (any shape with M values) when the accumulator is ``labelled``."""
-        x = as_features(features, "features")
-        if x.shape[-1] == 0:
-            raise ValueError(f"features: got shape {tuple(x.shape)}; expected at least one feature dim")
-        x = x.reshape(-1, x.shape[-1])
+        x = feature_rows(features)
         m, d = x.shape
         if self.labelled != (labels is not None):
             raise ValueError(
@@ -296,16 +304,20 @@ class CollapseAccumulator:
         labels = torch.cat([parts[8][r, :n] for r, n in enumerate(sizes)]) if self.labelled else None
         self._keep_smallest(rows, row_keys, labels)
 
-    def principal_axes(self, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(axes [D, k], variances [k], total)``: the top-``k`` eigenvectors of the centered Gram of
-        the unit rows (the effective rank's matrix) with their eigenvalues, largest first, and its
-        trace, all divided by M − 1 (per-row variances). Signs are fixed so each axis's largest
-        component is positive (an eigensolver may return either sign)."""
+    def _centered_gram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(μ, G − M·μμᵀ)``: the mean unit row and the centered Gram (one D×D temporary)."""
         if self.gram is None or self.row_sum is None or self.count == 0:
             raise ValueError("features: no rows were given; expected at least one row")
-        m = self.count
-        mean = self.row_sum / m
-        centered = torch.addr(self.gram, mean, mean, alpha=-m) / max(m - 1, 1)
+        mean = self.row_sum / self.count
+        return mean, torch.addr(self.gram, mean, mean, alpha=-self.count)
+
+    def principal_axes(self, k: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean [D], axes [D, k], variances [k], total)``: the mean unit row (the center), the top-``k``
+        eigenvectors of the centered Gram of the unit rows (the effective rank's matrix) with their
+        eigenvalues, largest first, and its trace, all divided by M − 1 (per-row variances). Signs are
+        fixed so each axis's largest component is positive (an eigensolver may return either sign)."""
+        mean, centered = self._centered_gram()
+        centered = centered / max(self.count - 1, 1)
         # a non-finite row makes the Gram non-finite: the eigensolver would raise (zero axes instead)
         finite = torch.isfinite(centered).all()
         values, vectors = torch.linalg.eigh(torch.where(finite, centered, torch.zeros_like(centered)))
@@ -313,13 +325,7 @@ class CollapseAccumulator:
         axes = vectors[:, -top:].flip(1)
         signs = axes.gather(0, axes.abs().argmax(dim=0)[None]).sign()
         axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
-        return axes, values[-top:].flip(0).clamp_min(0.0), centered.trace()
-
-    def mean_unit_row(self) -> torch.Tensor:
-        """The mean of the unit rows ``[D]`` (what :meth:`principal_axes` centers on)."""
-        if self.row_sum is None or self.count == 0:
-            raise ValueError("features: no rows were given; expected at least one row")
-        return self.row_sum / self.count
+        return mean, axes, values[-top:].flip(0).clamp_min(0.0), centered.trace()
 
     def compute(self) -> RawValues:
         """Device-side results keyed by tag (no host transfer; see :func:`collapse_metrics`)."""
@@ -342,8 +348,7 @@ class CollapseAccumulator:
         raw[f"health/collapse_level{level}_nonfinite"] = self.nonfinite_rows
         # the width the effective-rank threshold scales with, so a report judges as the logger did
         raw[tag + "feature_dim"] = float(self.gram.shape[0])
-        mean = self.row_sum / m
-        centered = torch.addr(self.gram, mean, mean, alpha=-m)  # G − M·μμᵀ, one D×D temporary
+        mean, centered = self._centered_gram()
         spectrum, finite = gram_spectrum(centered, self.sq_norm_sum)  # one eigensolve for all three
         raw[tag + "effective_rank"] = effective_rank_from_spectrum(spectrum, finite)
         raw[tag + "spectrum_alpha"] = spectrum_alpha(spectrum, finite)

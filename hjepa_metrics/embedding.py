@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._tensor import ArrayLike, as_features
-from .collapse import CollapseAccumulator, unit_rows
+from ._tensor import ArrayLike
+from .collapse import CollapseAccumulator, feature_rows, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def finite_rows(
     """The rows ``[M, D]`` of ``features`` (leading dims flattened) without those holding a NaN or an
     inf, with their label codes: one such row would make the Gram, and so every coordinate, NaN. Says
     how many were left out (a warning: training goes on)."""
-    x = as_features(features, name)
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected at least one feature dim")
-    x = x.reshape(-1, x.shape[-1])
+    x = feature_rows(features, name)
     if codes is not None and codes.shape[0] != x.shape[0]:
         raise ValueError(f"labels: got {codes.shape[0]} values; expected one per feature row ({x.shape[0]})")
     finite = torch.isfinite(x).all(dim=1)
@@ -106,9 +103,9 @@ def embedding_projection(state: CollapseAccumulator, names: Sequence[str] | None
     if state.count == 0:
         return None
     rows, codes = state.sample
-    axes, variances, total = state.principal_axes(2)
+    mean, axes, variances, total = state.principal_axes(2)
     u, _ = unit_rows(rows, axes.dtype)
-    coords = (u - state.mean_unit_row()) @ axes
+    coords = (u - mean) @ axes
     if coords.shape[1] < 2:  # one feature dim: a second axis of zeros
         coords = torch.cat([coords, torch.zeros_like(coords)], 1)
     shares = (variances / total).tolist() if float(total) > 0 else []
