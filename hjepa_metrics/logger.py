@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from writers import Writer, writer_from
+from writers.base import write_embedding
 
 from ._params import NamedTensors
 from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor
@@ -232,9 +233,7 @@ class HJEPAMetricsLogger(MetricRouter):
             return None
         step = self._at(global_step)
         tag = f"{self.prefix if prefix is None else prefix}collapse/level{level}_"
-        write_embedding = getattr(self.writer, "log_embedding", None)  # optional in the writer protocol
-        if write_embedding is not None:
-            write_embedding(tag + "embedding", projection.rows, step, metadata=projection.labels)
+        write_embedding(self.writer, tag + "embedding", projection.rows, step, projection.labels)
         self.writer.log_image(tag + "pca", scatter_image(projection.coords, projection.codes), step)
         return projection
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from writers import RecordError, Writer, iter_jsonl
 from writers._media import Histogram
+from writers.base import write_embedding
 from writers.records import DEFAULT_FILENAME, one_run, run_file
 
 from . import registry
@@ -69,9 +70,8 @@ def replay(
     buckets, images their PNG and embeddings their rows and labels. A run without a layout record gets
     the dashboard layout for the number of levels its tags show (or ``num_hierarchies``). Returns the
     number of records per kind. Every record is checked before the first is written (:func:`scan_run`,
-    unless ``run`` is its result): a bad line, or an image path leading outside the run's directory,
-    raises :class:`writers.RecordError`
-    naming the file and the line.
+    unless ``run`` is its result): a bad line, or an image or embedding path leading outside the run's
+    directory, raises :class:`writers.RecordError` naming the file and the line.
     """
     contents = run if isinstance(run, RunContents) else scan_run(run)
     base = contents.path.parent.resolve()
@@ -93,10 +93,8 @@ def replay(
         elif kind == "image":
             writer.log_image(record["tag"], inside_run(base, record["path"]).read_bytes(), record["step"])
         elif kind == "embedding":
-            embed = getattr(writer, "log_embedding", None)  # optional in the writer protocol
-            if embed is not None:
-                rows, labels = embedding_from_files(inside_run(base, record["path"]))
-                embed(record["tag"], rows, record["step"], metadata=labels)
+            rows, labels = embedding_from_files(inside_run(base, record["path"]))
+            write_embedding(writer, record["tag"], rows, record["step"], labels)
         else:
             continue
         counts[kind] = counts.get(kind, 0) + 1

@@ -330,6 +330,15 @@ class ResumeGate:
         return False
 
 
+def write_embedding(
+    writer: Any, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None
+) -> None:
+    """``writer.log_embedding(...)``, or nothing for a protocol writer without that optional method."""
+    method = getattr(writer, "log_embedding", None)
+    if method is not None:
+        method(tag, values, step, metadata=metadata)
+
+
 def check_step(step: Any) -> int:
     """An int step; floats with an integral value are accepted, anything else is an error."""
     if isinstance(step, bool):

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .base import BaseWriter, LayoutDict, Location, Writer
+from .base import BaseWriter, LayoutDict, Location, Writer, write_embedding
 from .lifecycle import lifecycle
 
 log = logging.getLogger("writers.multi")
@@ -104,13 +104,7 @@ class MultiWriter(BaseWriter):
         self._each("log_image", lambda w: w.log_image(tag, image, step))
 
     def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
-        # optional in the protocol: a writer without it has no embedding view
-        self._each(
-            "log_embedding",
-            lambda w: (
-                w.log_embedding(tag, values, step, metadata=metadata) if hasattr(w, "log_embedding") else None
-            ),
-        )
+        self._each("log_embedding", lambda w: write_embedding(w, tag, values, step, metadata))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._each("log_config", lambda w: w.log_config(config))
