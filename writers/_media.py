@@ -9,6 +9,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,19 @@ class EmbeddingFiles:
     tensors: bytes
     metadata: bytes | None
     shape: tuple[int, int]
+
+    def write_to(self, folder: Path) -> None:
+        """``folder/tensors.tsv`` (and ``metadata.tsv``), the folder made if missing."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tensors.tsv").write_bytes(self.tensors)
+        if self.metadata is not None:
+            (folder / "metadata.tsv").write_bytes(self.metadata)
+
+
+def tag_step_path(kind: str, tag: str, step: int, suffix: str = "") -> PurePosixPath:
+    """``<kind>/<safe tag>/step_<step, 10 digits><suffix>``: where a backend keeps a tag's media, in
+    step order when listed by name."""
+    return PurePosixPath(kind, safe_filename(tag), f"step_{step:010d}{suffix}")
 
 
 def embedding_rows(values: Any, metadata: Sequence[str] | None, name: str) -> np.ndarray:

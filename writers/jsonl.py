@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import WRITE_BYTES, AppendFile
-from ._media import embedding_files, histogram, image_png, png_size, safe_filename
+from ._media import embedding_files, histogram, image_png, png_size, tag_step_path
 from .base import Backend, BaseWriter, LayoutDict, Location, ResumeGate, check_step, redact
 from .ranks import rank_suffix
 from .records import DEFAULT_FILENAME
@@ -122,7 +122,7 @@ class JSONLWriter(BaseWriter):
     def log_image(self, tag: str, image: Any, step: int) -> None:
         step = check_step(step)
         png = image_png(image, tag)
-        rel = Path("images") / safe_filename(tag) / f"step_{step:010d}.png"
+        rel = tag_step_path("images", tag, step, ".png")
         target = self.path.parent / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png)
@@ -144,12 +144,8 @@ class JSONLWriter(BaseWriter):
         """The projector's TSV files beside the JSONL file, and a record pointing to them."""
         step = check_step(step)
         files = embedding_files(values, metadata, tag)
-        rel = Path("embeddings") / safe_filename(tag) / f"step_{step:010d}"
-        target = self.path.parent / rel
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "tensors.tsv").write_bytes(files.tensors)
-        if files.metadata is not None:
-            (target / "metadata.tsv").write_bytes(files.metadata)
+        rel = tag_step_path("embeddings", tag, step)
+        files.write_to(self.path.parent / rel)
         self._append(
             {
                 "kind": "embedding",

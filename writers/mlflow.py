@@ -11,11 +11,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ._files import Outage
-from ._media import embedding_files, histogram, image_png, safe_filename
+from ._media import embedding_files, histogram, image_png, tag_step_path
 from .base import (
     Backend,
     BaseWriter,
@@ -220,30 +220,30 @@ class MLflowWriter(BaseWriter):
     def error_counts(self) -> dict[str, int]:
         return self.outage.counts()
 
-    def _artifact(self, folder: str | None, filename: str, data: bytes) -> None:
+    def _artifact(self, path: PurePosixPath, data: bytes) -> None:
+        """``data`` as the artifact file ``path`` (its folder, then its name) of the run."""
         with tempfile.TemporaryDirectory(prefix="hjepa-mlflow-") as tmp:
-            local = Path(tmp) / filename
+            local = Path(tmp) / path.name
             local.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(local), artifact_path=folder)
+            folder = str(path.parent)
+            self.client.log_artifact(self.run_id, str(local), artifact_path=None if folder == "." else folder)
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         h = histogram(values, name=tag)
         data = json.dumps({"tag": tag, "step": check_step(step), **h.as_dict()}).encode("utf-8")
-        self._artifact(f"histograms/{safe_filename(tag)}", f"step_{check_step(step):010d}.json", data)
+        self._artifact(tag_step_path("histograms", tag, check_step(step), ".json"), data)
 
     def log_image(self, tag: str, image: Any, step: int) -> None:
-        self._artifact(
-            f"images/{safe_filename(tag)}", f"step_{check_step(step):010d}.png", image_png(image, tag)
-        )
+        self._artifact(tag_step_path("images", tag, check_step(step), ".png"), image_png(image, tag))
 
     def log_embedding(self, tag: str, values: Any, step: int, metadata: Sequence[str] | None = None) -> None:
         """Artifacts ``embeddings/<tag>/step_<N>/tensors.tsv`` (and ``metadata.tsv``): the files
         TensorBoard's projector (or projector.tensorflow.org) loads."""
         files = embedding_files(values, metadata, tag)
-        folder = f"embeddings/{safe_filename(tag)}/step_{check_step(step):010d}"
-        self._artifact(folder, "tensors.tsv", files.tensors)
-        if files.metadata is not None:
-            self._artifact(folder, "metadata.tsv", files.metadata)
+        with tempfile.TemporaryDirectory(prefix="hjepa-mlflow-") as tmp:
+            files.write_to(Path(tmp))
+            folder = tag_step_path("embeddings", tag, check_step(step))
+            self.client.log_artifacts(self.run_id, tmp, artifact_path=str(folder))
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         config = redact(config)  # secrets never reach a backend
@@ -252,7 +252,7 @@ class MLflowWriter(BaseWriter):
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
     def log_layout(self, layout: LayoutDict) -> None:
-        self._artifact(None, "tensorboard_layout.json", json.dumps(layout, indent=2).encode("utf-8"))
+        self._artifact(PurePosixPath("tensorboard_layout.json"), json.dumps(layout, indent=2).encode("utf-8"))
 
     def _flush(self) -> None:
         self._send()

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ._files import AppendFile, Outage
-from ._media import embedding_files, histogram, image_png, png_size, safe_filename
+from ._media import embedding_files, histogram, image_png, png_size, tag_step_path
 from .base import (
     Backend,
     BaseWriter,
@@ -317,9 +317,8 @@ class TensorBoardWriter(BaseWriter):
             raise missing_extra("TensorBoard", "tensorboard") from exc
         step = check_step(step)
         files = embedding_files(values, metadata, tag)
-        rel = Path("projector") / safe_filename(tag) / f"step_{step:010d}"
-        (self.logdir / rel).mkdir(parents=True, exist_ok=True)
-        (self.logdir / rel / "tensors.tsv").write_bytes(files.tensors)
+        rel = tag_step_path("projector", tag, step)
+        files.write_to(self.logdir / rel)
         config_path = self.logdir / PROJECTOR_CONFIG
         config = projector_config_pb2.ProjectorConfig()
         if config_path.exists():
@@ -331,7 +330,6 @@ class TensorBoardWriter(BaseWriter):
         entry = config.embeddings.add(tensor_name=name, tensor_path=(rel / "tensors.tsv").as_posix())
         entry.tensor_shape.extend(files.shape)
         if files.metadata is not None:
-            (self.logdir / rel / "metadata.tsv").write_bytes(files.metadata)
             entry.metadata_path = (rel / "metadata.tsv").as_posix()
         partial = config_path.with_name(PROJECTOR_CONFIG + ".tmp")
         partial.write_text(text_format.MessageToString(config), encoding="utf-8")
