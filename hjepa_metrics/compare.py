@@ -41,7 +41,7 @@ class Comparison:
         body = [
             [
                 tag,
-                *(f"{s[0]:.4g} ({s[1]:.4g}..{s[2]:.4g})" if s else "-" for s in stats),
+                *(_cell(s) for s in stats),
                 "*" if differs else "",
             ]
             for tag, stats, differs in self.rows
@@ -58,6 +58,11 @@ class Comparison:
                 f"{marked} of {len(self.rows)} tags differ by more than {NOISE_FACTOR:g}x their noise",
             ]
         )
+
+
+def _cell(stats: tuple[float, float, float] | None) -> str:
+    """One run's ``last (min..max)`` of a tag, ``-`` where it did not log it."""
+    return f"{stats[0]:.4g} ({stats[1]:.4g}..{stats[2]:.4g})" if stats else "-"
 
 
 def run_name(path: str | os.PathLike[str]) -> str:
@@ -143,7 +148,7 @@ def _page(result: Comparison) -> str:
     head = "".join(f"<th>{e(n)}</th>" for n in result.names)
     rows = "".join(
         f"<tr{' class=d' if d else ''}><td>{e(tag)}</td>"
-        + "".join(f"<td>{s[0]:.4g} ({s[1]:.4g}..{s[2]:.4g})</td>" if s else "<td>-</td>" for s in stats)
+        + "".join(f"<td>{_cell(s)}</td>" for s in stats)
         + f"<td>{'*' if d else ''}</td></tr>"
         for tag, stats, d in result.rows
     )
