@@ -89,16 +89,31 @@ def _training_script(config: dict[str, object], before: str = "") -> str:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_job_loses_nothing_older_than_the_flush_interval(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGKILL, True)],
+    ids=["SIGKILL", "SIGTERM", "SIGKILL-to-the-process-group"],
+)
+def test_a_killed_job_loses_nothing_older_than_the_flush_interval(
+    tmp_path: Path, sig: int, group: bool
+) -> None:
+    """Killed alone, or with its whole process group (``kill -9 -PGID``, as a shell or a batch
+    scheduler does): the writer processes are in a group of their own, so they still close the runs."""
     config = _config(tmp_path, ["jsonl", "tensorboard", "mlflow", "wandb"])
     proc = subprocess.Popen(
-        [sys.executable, "-c", _training_script(config)], stdout=subprocess.PIPE, text=True, env=ENV
+        [sys.executable, "-c", _training_script(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=group,  # the job leads its process group, as a shell's job does
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "logged"
         time.sleep(3.0)  # longer than flush_interval (1 s): everything must be on disk now
-        os.kill(proc.pid, sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         code = proc.wait(timeout=60)
     finally:
         proc.kill()

@@ -1,8 +1,11 @@
-"""Structural performance contracts (timings live in benchmarks/): host transfers, foreach, lazy imports."""
+"""Structural performance contracts (timings live in benchmarks/): host transfers, passes, copies, lazy
+imports, resume memory, writer processes."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -244,3 +247,54 @@ def test_mlflow_runs_outside_the_training_interpreter(tmp_path: Any) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     run_id = (tmp_path / "mlflow_run_id").read_text()
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(5))
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _stat(pid: int) -> tuple[int, int]:
+    """``(session id, nice)`` of a process, from ``/proc/<pid>/stat``."""
+    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    return int(fields[3]), int(fields[16])  # fields 6 and 19 of proc(5), after pid and comm
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            for child in _read(f"/proc/{pid}/task/{task}/children").split():
+                found += [int(child), *_descendants(int(child))]
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="Linux autogroup scheduling")
+def test_writer_processes_rank_below_training_in_the_scheduler(tmp_path: Any) -> None:
+    """W&B's writer process and the service it starts run at the lowest priority, in the training
+    job's session: Linux shares the CPU between sessions' autogroups first, so a writer in a session
+    of its own would take half the CPU from training whatever its nice value."""
+    pytest.importorskip("wandb")
+    from writers import build_writers
+
+    writer = build_writers(
+        {"backends": ["wandb"], "log_dir": str(tmp_path), "wandb": {"mode": "offline", "project": "t"}}
+    )
+    try:
+        writer.log_scalars({"loss": 1.0}, 0)
+        writer.flush()
+        child = writer._proc.pid  # type: ignore[attr-defined]
+        processes = [child, *_descendants(child)]
+        assert len(processes) >= 2, "W&B's service process was expected under its writer process"
+        session = os.getsid(0)
+        own_group = _read("/proc/self/autogroup").split()[0]
+        assert _stat(child)[0] == session
+        assert _read(f"/proc/{child}/autogroup").split()[0] == own_group
+        for pid in processes:
+            # in training's autogroup at nice 19, or in an autogroup of its own at nice 19
+            nice = _stat(pid)[1]
+            group, group_nice = _read(f"/proc/{pid}/autogroup").split()[0::2]
+            assert nice == 19 and (group == own_group or group_nice == "19"), (group, group_nice)
+        assert _stat(os.getpid())[1] == 0  # training itself keeps its priority
+    finally:
+        writer.close()

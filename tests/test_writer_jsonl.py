@@ -102,3 +102,27 @@ def test_stdlib_fallback_writes_the_same_bytes(tmp_path: Path, monkeypatch: pyte
         "wall_time": 10.0,
         "metrics": {"x": 1.5, "y": "NaN", "z": "-Infinity"},
     }
+
+
+def test_plain_float_records_keep_every_value(tmp_path: Path) -> None:
+    """Dicts of plain finite floats are written without a per-value pass; values whose sum overflows,
+    subclasses of float and non-string tags still come out exact and strict."""
+
+    class Loss(float):
+        pass
+
+    cases = [
+        {f"train/m{i}": float(i) / 7 for i in range(100)},
+        {"big": 1.7e308, "bigger": 1.7e308, "tiny": 5e-324},  # the sum overflows: finite values all
+        {"a": Loss(0.25), "b": -0.0},
+        {1: 2.0, "c": 3.0},  # type: ignore[dict-item]
+        {"n": 1.0, "nan": math.nan},
+    ]
+    with JSONLWriter(tmp_path) as w:
+        for step, metrics in enumerate(cases):
+            w.log_scalars(metrics, step)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    got = [json.loads(line, parse_constant=lambda c: pytest.fail(c))["metrics"] for line in lines]
+    assert got[0] == cases[0] and got[1] == cases[1] and got[2] == {"a": 0.25, "b": -0.0}
+    assert math.copysign(1, got[2]["b"]) == -1 and type(got[2]["a"]) is float
+    assert got[3] == {"1": 2.0, "c": 3.0} and got[4] == {"n": 1.0, "nan": "NaN"}

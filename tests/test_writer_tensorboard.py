@@ -138,3 +138,36 @@ def test_real_tensorboard_server_shows_the_layout_and_every_tag(tmp_path: Path) 
         tag = urllib.parse.quote("train/loss/total")
         points = json.loads(get(f"/data/plugin/scalars/scalars?run={run}&tag={tag}"))
         assert [p[1] for p in points] == [0, 1, 2] and [p[2] for p in points] == [0.0, 1.0, 2.0]
+
+
+def test_scalar_events_are_the_bytes_protobuf_writes() -> None:
+    """The hand-encoded scalar event (no protobuf object per value) against ``SerializeToString``:
+    zeros (a oneof member is written even when 0), -0.0, float32 overflow, NaN, infinities,
+    subnormals, ints and bools, non-ASCII and long tags (multi-byte lengths), steps 0 and 2⁴⁰."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    from writers._event_bytes import scalar_event
+
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, 1e39, -1e39, math.inf, -math.inf, math.nan, 1e-45, 7, True, 3.5e38]
+    names = ["train/loss", "é/ü/ß", "x" * 130, "a" * 20000]
+    for case in range(200):
+        metrics: dict[str, float] = {}
+        for i in range(int(rng.integers(0, 40))):
+            value = specials[int(rng.integers(len(specials)))] if rng.random() < 0.5 else rng.normal(0, 1e5)
+            metrics[f"{names[int(rng.integers(len(names)))]}{i}"] = value
+        step = int(rng.choice([0, 1, 127, 128, 2**40, int(rng.integers(10**9))]))
+        wall_time = float(rng.choice([0.0, 1.5, time.time()]))
+        values = [summary_pb2.Summary.Value(tag=t, simple_value=float(v)) for t, v in metrics.items()]
+        expected = event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=values))
+        assert scalar_event(wall_time, step, metrics) == expected.SerializeToString(), case
+
+
+def test_bad_scalar_is_a_clear_error(tmp_path: Path) -> None:
+    with TensorBoardWriter(tmp_path) as w:
+        w.log_scalars({"ok": "2.5"}, 0)  # type: ignore[dict-item]  # float() takes it, as before
+        with pytest.raises(TypeError, match=r"metrics\['x'\]: got NoneType; expected a real number"):
+            w.log_scalars({"a": 1.0, "x": None}, 1)  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match=r"metrics\['y'\]: got str; expected a real number"):
+            w.log_scalars({"y": "high"}, 1)  # type: ignore[dict-item]
+    assert [(e.step, e.value) for e in _accumulator(tmp_path).Scalars("ok")] == [(0, 2.5)]

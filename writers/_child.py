@@ -7,11 +7,13 @@ died: the writer is flushed and closed as killed, then this process exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from .base import Writer
@@ -22,6 +24,7 @@ log = logging.getLogger("writers.process")
 
 # How long a writer orphaned by its training process may take to close (a slow server included).
 ORPHAN_CLOSE_TIMEOUT = 12 * DEFAULT_TIMEOUT
+LOWEST_PRIORITY = 19  # the nice value of a writer process
 
 
 def main() -> None:
@@ -29,6 +32,11 @@ def main() -> None:
     # writer in order, or dies and leaves end of file, which closes it just the same.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(os, "setpgid"):
+        # signals to the job's process group are not its own either; the session stays the job's
+        # (a session of its own would also be scheduled apart from training: see below)
+        os.setpgid(0, 0)
+    _yield_cpu_to_training()
     replies: IO[bytes] = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what backends print goes to stderr
     logging.basicConfig(level=logging.WARNING, format="%(name)s (writer process): %(message)s")
@@ -41,8 +49,54 @@ def main() -> None:
     except BaseException as exc:
         send_frame(replies, ("failed", type(exc).__name__, str(exc)))
         return
+    _lower_started_sessions()
     send_frame(replies, ("started", writer.locations()))
     serve(writer, requests, replies)
+
+
+def _yield_cpu_to_training() -> None:
+    # Writing must not slow training down: the lowest CPU priority, which what the writer starts
+    # (W&B's service) inherits. It ranks this process below training only because ProcessWriter keeps
+    # it in the training job's session: Linux schedules each session's autogroup as one entity.
+    if hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(LOWEST_PRIORITY - os.nice(0))
+
+
+def _lower_started_sessions() -> None:
+    # A process the writer started in a session of its own (W&B's service) is scheduled as its own
+    # autogroup, which its nice value does not lower: lower the autogroup's instead. The kernel takes
+    # one such change per 100 ms from an unprivileged process, hence the retries.
+    own = os.getsid(0)
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) == own:
+                continue
+            for _ in range(20):
+                try:
+                    with open(f"/proc/{pid}/autogroup", "w") as group:
+                        group.write(str(LOWEST_PRIORITY))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below ``root`` (Linux ``/proc``; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{entry}/stat") as stat:
+                        parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def serve(writer: Writer, requests: IO[bytes], replies: IO[bytes]) -> None:

@@ -44,6 +44,24 @@ def encode_float(value: Any, tag: str = "value") -> float | str:
     return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
 
 
+_FLOAT, _STR = {float}, {str}
+
+
+def encode_metrics(metrics: Mapping[str, float]) -> Mapping[str, float | str]:
+    """``metrics`` with string tags and JSON-safe values (see :func:`encode_float`)."""
+    values = metrics.values()
+    # the common case, a dict of finite floats with string tags, is JSON-safe as it is: three C
+    # loops, no copy (a finite sum means every value is finite)
+    if (
+        type(metrics) is dict
+        and set(map(type, values)) == _FLOAT
+        and math.isfinite(sum(values))
+        and set(map(type, metrics)) == _STR
+    ):
+        return metrics
+    return {str(tag): encode_float(value, str(tag)) for tag, value in metrics.items()}
+
+
 def jsonable(obj: Any) -> Any:
     """Config values as strict JSON: mappings, sequences, numbers (non-finite encoded), else ``str``."""
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -103,7 +121,7 @@ class JSONLWriter(BaseWriter):
         record = {
             "step": check_step(step),
             "wall_time": time.time() if wall_time is None else float(wall_time),
-            "metrics": {str(tag): encode_float(value, str(tag)) for tag, value in metrics.items()},
+            "metrics": encode_metrics(metrics),
         }
         self._append(record)
 

@@ -148,7 +148,6 @@ class ProcessWriter(BaseWriter):
             env=env,
             bufsize=0,
             close_fds=True,
-            start_new_session=True,  # Ctrl-C and signals to the job's process group are not its own
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._to_child = self._proc.stdin
@@ -394,6 +393,8 @@ class ProcessWriter(BaseWriter):
         if self._proc.poll() is None:
             with contextlib.suppress(OSError):
                 os.killpg(self._proc.pid, signal.SIGKILL)  # with what it started (W&B's service)
+            with contextlib.suppress(OSError):
+                self._proc.kill()  # not yet the leader of its own process group
         self._proc.wait()
 
     def _detach(self, devnull: int) -> None:

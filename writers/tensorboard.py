@@ -1,4 +1,5 @@
-"""TensorBoard event files written with tensorboard's protos: one packed Summary per call."""
+"""TensorBoard event files written with tensorboard's protos (scalars encoded directly): one packed
+Summary per call."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from ._event_bytes import scalar_event
 from ._files import AppendFile, Outage
 from ._media import embedding_files, histogram, image_png, png_size, tag_step_path
 from .base import (
@@ -112,7 +114,11 @@ class EventFile:
         return self._file.outage
 
     def append(self, event: Any) -> None:
-        self._file.append(self.record(event.SerializeToString()))
+        self.append_serialized(event.SerializeToString())
+
+    def append_serialized(self, data: bytes) -> None:
+        """Append an ``Event`` already serialized."""
+        self._file.append(self.record(data))
 
     def flush(self) -> None:
         self._file.flush()
@@ -261,9 +267,12 @@ class TensorBoardWriter(BaseWriter):
             step=check_step(step),
             summary=summary,
         )
+        self._write(event.SerializeToString())
+
+    def _write(self, event: bytes) -> None:
         if self._closed:
             raise RuntimeError(f"{self.name}: write after close ({self.logdir})")
-        self._file.append(event)
+        self._file.append_serialized(event)
         self._mark_dirty()
 
     def _append(self, step: int, values: list[Any]) -> None:
@@ -274,15 +283,25 @@ class TensorBoardWriter(BaseWriter):
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         if not self.gate.allows(check_step(step)):
             return
-        value = self._p.summary_pb2.Summary.Value
-        values = []
-        for tag, v in metrics.items():
-            try:
-                values.append(value(tag=str(tag), simple_value=float(v)))
-            except (TypeError, ValueError):
-                raise TypeError(f"metrics[{tag!r}]: got {type(v).__name__}; expected a real number") from None
-        if values:
-            self._event(step, self._session_start() + values, wall_time)
+        if not metrics:
+            return
+        if start := self._session_start():  # once per run: with the HParams session start
+            self._event(step, start + [self._scalar_value(tag, v) for tag, v in metrics.items()], wall_time)
+            return
+        stamp = time.time() if wall_time is None else float(wall_time)
+        try:
+            data = scalar_event(stamp, check_step(step), metrics)
+        except (TypeError, ValueError):
+            for tag, v in metrics.items():
+                self._scalar_value(tag, v)  # names the value float() refuses
+            raise
+        self._write(data)
+
+    def _scalar_value(self, tag: Any, v: Any) -> Any:
+        try:
+            return self._p.summary_pb2.Summary.Value(tag=str(tag), simple_value=float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"metrics[{tag!r}]: got {type(v).__name__}; expected a real number") from None
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         h = histogram(values, name=tag)
