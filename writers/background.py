@@ -1,12 +1,11 @@
-"""Run any writer on a background thread, so logging costs the training loop a queue put."""
+"""Run any writer on a background thread, so logging costs the training loop a queue append."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -18,6 +17,11 @@ log = logging.getLogger("writers.background")
 
 WhenFull = Literal["block", "drop"]
 _STOP = object()
+# While records come, the worker wakes every _TICK to write what came, rather than at each call: a wake
+# per call hands the GIL to the worker between the training thread's every two torch ops. Idle for
+# _IDLE, it sleeps until the next call; a flush, a close or a full queue wakes it at once.
+_TICK = 0.05
+_IDLE = 1.0
 
 
 class BackgroundWriter(BaseWriter):
@@ -75,7 +79,11 @@ class BackgroundWriter(BaseWriter):
         self._handshake = threading.Lock()
         self._waiting = True
         self._start_error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._items: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._asleep = True  # the worker waits for a wake, not for its tick
+        self._room = threading.Condition()  # callers blocked on a full queue wait here
         super().__init__()
         build = None if isinstance(inner, Writer) else inner
         self._thread = threading.Thread(
@@ -98,7 +106,7 @@ class BackgroundWriter(BaseWriter):
             self._waiting = False
             error = self._start_error if self._started.is_set() else None
         if error is not None:
-            self._queue.put(_STOP)
+            self._enqueue(_STOP, wake=True)
             self._thread.join(self.timeout)
             raise error
         if not self._started.is_set():
@@ -122,26 +130,34 @@ class BackgroundWriter(BaseWriter):
                     late = not self._waiting
                 if late:
                     self._record_error("start", exc)
+        idle_since = time.monotonic()
         while True:
-            item = self._queue.get()
+            if not self._items:
+                self._asleep = time.monotonic() - idle_since >= _IDLE
+                if not self._asleep or not self._items:  # a caller may have queued before seeing it
+                    self._wake.wait(None if self._asleep else _TICK)
+                self._wake.clear()
+                continue
+            idle_since = time.monotonic()
+            item = self._items.popleft()
+            if self._room_wanted:
+                with self._room:
+                    self._room.notify_all()
+            if item is _STOP:
+                return
+            method, args, kwargs, done = item
             try:
-                if item is _STOP:
-                    return
-                method, args, kwargs, done = item
-                try:
-                    if self.inner is None:  # it never started: what was queued for it is lost
-                        self.dropped += 1
-                    else:
-                        getattr(self.inner, method)(*args, **kwargs)
-                        if method == "flush" and getattr(self.inner, "dirty", False):
-                            self._mark_dirty()  # it could not write everything: retry when due
-                except Exception as exc:  # isolation: a backend failure must not kill the worker
-                    self._record_error(method, exc)
-                finally:
-                    if done is not None:
-                        done.set()
+                if self.inner is None:  # it never started: what was queued for it is lost
+                    self.dropped += 1
+                else:
+                    getattr(self.inner, method)(*args, **kwargs)
+                    if method == "flush" and getattr(self.inner, "dirty", False):
+                        self._mark_dirty()  # it could not write everything: retry when due
+            except Exception as exc:  # isolation: a backend failure must not kill the worker
+                self._record_error(method, exc)
             finally:
-                self._queue.task_done()
+                if done is not None:
+                    done.set()
 
     def _record_error(self, method: str, exc: BaseException) -> None:
         self.errors += 1
@@ -171,14 +187,12 @@ class BackgroundWriter(BaseWriter):
             raise RuntimeError(f"{self.name}: the background worker has stopped")
         done = threading.Event() if wait else None
         item = (method, args, kwargs, done)
-        try:
-            if self.when_full == "drop" or self.stalled:
-                self._queue.put_nowait(item)
-            else:
-                self._queue.put(item, timeout=self.timeout)
-        except queue.Full:
+        if len(self._items) >= self.max_queue and (
+            self.when_full == "drop" or self.stalled or not self._wait_for_room(self.timeout)
+        ):
             self._drop(stalled=self.when_full == "block")
             return
+        self._enqueue(item, wake=done is not None)
         if self.stalled:  # room again: the backend is making progress
             self.stalled = False
             log.warning(
@@ -194,6 +208,29 @@ class BackgroundWriter(BaseWriter):
                 self._drop(stalled=True, count=False)
                 return
             self._raise_if_strict()
+
+    _room_wanted = False
+
+    def _enqueue(self, item: Any, *, wake: bool) -> None:
+        self._items.append(item)
+        if wake or self._asleep or len(self._items) >= self.max_queue:
+            self._wake.set()
+
+    def _wait_for_room(self, timeout: float) -> bool:
+        """Wait until the queue has room; ``False`` if it has none after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._room:
+            self._room_wanted = True
+            try:
+                while len(self._items) >= self.max_queue:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._thread.is_alive():
+                        return False
+                    self._wake.set()
+                    self._room.wait(min(left, _TICK))
+            finally:
+                self._room_wanted = False
+        return True
 
     def _drop(self, *, stalled: bool, count: bool = True) -> None:
         if count:
@@ -252,8 +289,8 @@ class BackgroundWriter(BaseWriter):
         # from the timed-flush thread: queue the flush in order, never wait for it
         if due(self._dirty_since, self.flush_interval, now) and not self.closed and not self.stalled:
             self._dirty_since = None
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(("flush", (), {}, None))
+            if len(self._items) < self.max_queue:
+                self._enqueue(("flush", (), {}, None), wake=True)
 
     def _flush(self) -> None:
         self._put("flush", wait=True)
@@ -261,11 +298,12 @@ class BackgroundWriter(BaseWriter):
     def _close(self, failed: bool) -> None:
         deadline = time.monotonic() + self.timeout
         if self._thread.is_alive():
-            try:
-                for item in (("close", (), {"failed": failed}, None), _STOP):
-                    self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Full:
-                pass
+            for item in (("close", (), {"failed": failed}, None), _STOP):
+                if len(self._items) >= self.max_queue and not self._wait_for_room(
+                    max(0.0, deadline - time.monotonic())
+                ):
+                    break
+                self._enqueue(item, wake=True)
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 self.errors += 1
