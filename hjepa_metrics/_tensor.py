@@ -75,11 +75,17 @@ def scalar_tensor(x: Scalar, name: str) -> torch.Tensor | float:
     raise TypeError(f"{name}: got {type(x).__name__}; expected a float, int, or one-element tensor")
 
 
+# Whether CPU tensors go through the one packed read that accelerators need (tests count the reads of
+# that path on the CPU); item() per value is cheaper where no transfer is involved.
+PACK_CPU_READS = False
+
+
 def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     """Resolve every tensor value with one device-to-host transfer; floats pass through.
 
     Tensors are stacked on the device of the first one (float64 where the device has it) and
     read back with a single ``tolist()``, so a call costs one synchronization, not one per tag.
+    CPU tensors, which need no transfer, are read one ``item()`` each (unless :data:`PACK_CPU_READS`).
     """
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
@@ -87,14 +93,18 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         first = values[keys[0]]
         assert isinstance(first, torch.Tensor)
         device = first.device
-        tensors = [values[k] for k in keys]
-        if all(t.dim() == 0 and t.device == device for t in tensors):  # type: ignore[union-attr]
-            # stack promotes mixed dtypes; tolist() reads any float dtype exactly, so no cast is needed
-            packed = torch.stack(tensors)  # type: ignore[arg-type]
+        tensors: list[torch.Tensor] = [values[k] for k in keys]  # type: ignore[misc]
+        if not PACK_CPU_READS and all(t.device.type == "cpu" for t in tensors):
+            # reading CPU memory is no transfer: an item() each costs less than stacking them
+            out.update((k, float(t.item())) for k, t in zip(keys, tensors, strict=True))
         else:
-            dtype = accumulate_dtype(device)
-            packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
-        out.update(zip(keys, host_list(packed), strict=True))
+            if all(t.dim() == 0 and t.device == device for t in tensors):
+                # stack promotes mixed dtypes; tolist() reads any float dtype exactly: no cast needed
+                packed = torch.stack(tensors)
+            else:
+                dtype = accumulate_dtype(device)
+                packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
+            out.update(zip(keys, host_list(packed), strict=True))
     return {k: out[k] for k in values}
 
 

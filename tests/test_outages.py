@@ -187,6 +187,11 @@ def test_an_mlflow_server_that_dies_and_returns_gets_every_record(
     for step in range(50):
         writer.log_scalars({"train/loss": float(step)}, step)
     writer.flush()
+    run_id_file = tmp_path / "run" / "mlflow_run_id"
+    deadline = time.monotonic() + 120  # a loaded machine (parallel tests) may start it after `timeout`
+    while not run_id_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    writer.flush()
     mlflow_server.stop()  # the server dies mid-run
     start = time.monotonic()
     for step in range(50, 100):

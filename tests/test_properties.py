@@ -149,6 +149,7 @@ def test_no_rng_use_no_mutation_one_transfer(name: str, monkeypatch: pytest.Monk
     before = [t.detach().clone() for t in inputs]
     torch_rng, np_rng = torch.get_rng_state(), np.random.get_state()
     transfers: list[str] = []
+    monkeypatch.setattr(_tensor, "PACK_CPU_READS", True)  # count the reads of the path accelerators take
     for method in ("item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__"):
         original = getattr(torch.Tensor, method)
 

@@ -36,7 +36,6 @@ def main() -> None:
         # signals to the job's process group are not its own either; the session stays the job's
         # (a session of its own would also be scheduled apart from training: see below)
         os.setpgid(0, 0)
-    _yield_cpu_to_training()
     replies: IO[bytes] = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # what backends print goes to stderr
     logging.basicConfig(level=logging.WARNING, format="%(name)s (writer process): %(message)s")
@@ -49,28 +48,29 @@ def main() -> None:
     except BaseException as exc:
         send_frame(replies, ("failed", type(exc).__name__, str(exc)))
         return
-    _lower_started_sessions()
+    _yield_cpu_to_training()
     send_frame(replies, ("started", writer.locations()))
     serve(writer, requests, replies)
 
 
 def _yield_cpu_to_training() -> None:
-    # Writing must not slow training down: the lowest CPU priority, which what the writer starts
-    # (W&B's service) inherits. It ranks this process below training only because ProcessWriter keeps
-    # it in the training job's session: Linux schedules each session's autogroup as one entity.
-    if hasattr(os, "nice"):
-        with contextlib.suppress(OSError):
-            os.nice(LOWEST_PRIORITY - os.nice(0))
-
-
-def _lower_started_sessions() -> None:
-    # A process the writer started in a session of its own (W&B's service) is scheduled as its own
-    # autogroup, which its nice value does not lower: lower the autogroup's instead. The kernel takes
-    # one such change per 100 ms from an unprivileged process, hence the retries.
+    """Once the writer is up, this process, its threads and the processes it started (W&B's service)
+    drop to the lowest CPU priority, so that writing never slows training down. Starting (imports,
+    creating the run) runs at full speed: training waits for it."""
+    if not os.path.isdir("/proc/self/task"):  # not Linux: the whole process at once
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
+        return
+    # This ranks the writer below training only because it stays in the training job's session:
+    # Linux shares the CPU between sessions' autogroups first. A process started in a session of its
+    # own (W&B's service) is an autogroup that its nice value does not lower: lower the autogroup's
+    # (the kernel takes one such change per 100 ms from an unprivileged process, hence the retries).
     own = os.getsid(0)
-    for pid in _descendants(os.getpid()):
-        with contextlib.suppress(OSError):
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        with contextlib.suppress(OSError, ValueError):
             if os.getsid(pid) == own:
+                for thread in os.listdir(f"/proc/{pid}/task"):  # a nice value is per thread
+                    os.setpriority(os.PRIO_PROCESS, int(thread), LOWEST_PRIORITY)
                 continue
             for _ in range(20):
                 try:
