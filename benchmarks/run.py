@@ -425,9 +425,10 @@ def _training_loop(writer: Any, steps: int, work: int = 4, first: int = 0) -> fl
 def bench_training_thread_cost(steps: int) -> list[Row]:
     """Backends off the training thread: a loop's time per step with TensorBoard, MLflow, W&B and JSONL
     all on, against the same loop with no backend (a writer that drops everything). Twice: a ~2-3 ms step
-    (30,000-50,000 scalars/s: more than MLflow's sqlite store takes, so its queue pushes back and the
-    loop runs at MLflow's pace) and a step 20x longer (1,500-2,500 scalars/s, which every backend
-    sustains: what is left is the writers' share of the CPU and of the training thread's GIL)."""
+    (30,000-50,000 scalars/s: more than MLflow's sqlite store takes, so its records wait in memory for
+    its writer process, which runs below training and catches up after the loop) and a step 20x longer
+    (1,500-2,500 scalars/s, which every backend sustains). What is measured is the writers' share of the
+    CPU and of the training thread's GIL."""
     from writers import build_writers
     from writers.base import NullWriter
 
