@@ -84,6 +84,7 @@ class BackgroundWriter(BaseWriter):
         self._wake = threading.Event()
         self._asleep = True  # the worker waits for a wake, not for its tick
         self._room = threading.Condition()  # callers blocked on a full queue wait here
+        self._room_wanted = False
         super().__init__()
         build = None if isinstance(inner, Writer) else inner
         self._thread = threading.Thread(
@@ -208,8 +209,6 @@ class BackgroundWriter(BaseWriter):
                 self._drop(stalled=True, count=False)
                 return
             self._raise_if_strict()
-
-    _room_wanted = False
 
     def _enqueue(self, item: Any, *, wake: bool) -> None:
         self._items.append(item)
