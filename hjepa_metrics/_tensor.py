@@ -90,14 +90,12 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if keys:
-        first = values[keys[0]]
-        assert isinstance(first, torch.Tensor)
-        device = first.device
         tensors: list[torch.Tensor] = [values[k] for k in keys]  # type: ignore[misc]
         if not PACK_CPU_READS and all(t.device.type == "cpu" for t in tensors):
             # reading CPU memory is no transfer: an item() each costs less than stacking them
             out.update((k, float(t.item())) for k, t in zip(keys, tensors, strict=True))
         else:
+            device = tensors[0].device
             if all(t.dim() == 0 and t.device == device for t in tensors):
                 # stack promotes mixed dtypes; tolist() reads any float dtype exactly: no cast needed
                 packed = torch.stack(tensors)

@@ -392,7 +392,9 @@ class ProcessWriter(BaseWriter):
     def _end_child(self) -> None:
         if self._proc.poll() is None:
             with contextlib.suppress(OSError):
-                os.killpg(self._proc.pid, signal.SIGKILL)  # with what it started (W&B's service)
+                # with what it started in its group (W&B's service, in a session of its own, watches
+                # its parent's pid and exits after it)
+                os.killpg(self._proc.pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 self._proc.kill()  # not yet the leader of its own process group
         self._proc.wait()

@@ -281,16 +281,15 @@ class TensorBoardWriter(BaseWriter):
         self._file.append(self._p.event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
-        if not self.gate.allows(check_step(step)):
-            return
-        if not metrics:
+        step = check_step(step)
+        if not self.gate.allows(step) or not metrics:
             return
         if start := self._session_start():  # once per run: with the HParams session start
             self._event(step, start + [self._scalar_value(tag, v) for tag, v in metrics.items()], wall_time)
             return
         stamp = time.time() if wall_time is None else float(wall_time)
         try:
-            data = scalar_event(stamp, check_step(step), metrics)
+            data = scalar_event(stamp, step, metrics)
         except (TypeError, ValueError):
             for tag, v in metrics.items():
                 self._scalar_value(tag, v)  # names the value float() refuses
