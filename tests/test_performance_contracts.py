@@ -263,6 +263,13 @@ def _stat(pid: int) -> tuple[int, int]:
     return int(fields[3]), int(fields[16])  # fields 6 and 19 of proc(5), after pid and comm
 
 
+def _autogroup(pid: int | str) -> tuple[str, str]:
+    """``(autogroup, nice)`` of a process. The kernel prints nothing for the root autogroup (processes
+    of a session that never called ``setsid``, as under a container's init), whose nice is fixed at 0."""
+    fields = _read(f"/proc/{pid}/autogroup").split()
+    return (fields[0], fields[2]) if fields else ("/", "0")
+
+
 def _descendants(pid: int) -> list[int]:
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -290,12 +297,12 @@ def test_writer_processes_rank_below_training_in_the_scheduler(tmp_path: Any) ->
         processes = [child, *_descendants(child)]
         assert len(processes) >= 2, "W&B's service process was expected under its writer process"
         session = os.getsid(0)
-        own_group = _read("/proc/self/autogroup").split()[0]
+        own_group = _autogroup("self")[0]
         assert _stat(child)[0] == session
-        assert _read(f"/proc/{child}/autogroup").split()[0] == own_group
+        assert _autogroup(child)[0] == own_group
         for pid in processes:
             # every thread at nice 19, in training's autogroup or in an autogroup of its own at nice 19
-            group, group_nice = _read(f"/proc/{pid}/autogroup").split()[0::2]
+            group, group_nice = _autogroup(pid)
             assert group == own_group or group_nice == "19", (group, group_nice)
             for thread in os.listdir(f"/proc/{pid}/task"):
                 nice = int(_read(f"/proc/{pid}/task/{thread}/stat").rsplit(")", 1)[1].split()[16])
