@@ -17,6 +17,8 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
 
     A replicated DTensor (the norm ``clip_grad_norm_`` returns under FSDP2) is its local copy; a
     sharded one is refused, as its statistics would be those of one shard."""
+    if type(x) is torch.Tensor:  # the common case, without the DTensor attribute probe
+        return x.detach() if x.requires_grad else x
     if isinstance(x, torch.Tensor):
         placements = getattr(x, "placements", None)
         if placements is not None and hasattr(x, "to_local"):
@@ -87,22 +89,26 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     read back with a single ``tolist()``, so a call costs one synchronization, not one per tag.
     CPU tensors, which need no transfer, are read one ``item()`` each (unless :data:`PACK_CPU_READS`).
     """
-    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
-    if keys:
-        tensors: list[torch.Tensor] = [values[k] for k in keys]  # type: ignore[misc]
-        if not PACK_CPU_READS and all(t.device.type == "cpu" for t in tensors):
-            # reading CPU memory is no transfer: an item() each costs less than stacking them
-            out.update((k, float(t.item())) for k, t in zip(keys, tensors, strict=True))
+    out: dict[str, float] = {}
+    pending: list[str] = []
+    for k, v in values.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = float(v)
+        elif v.is_cpu and not PACK_CPU_READS:  # reading CPU memory is no transfer: no stacking
+            out[k] = float(v.item())
         else:
-            device = tensors[0].device
-            if all(t.dim() == 0 and t.device == device for t in tensors):
-                # stack promotes mixed dtypes; tolist() reads any float dtype exactly: no cast needed
-                packed = torch.stack(tensors)
-            else:
-                dtype = accumulate_dtype(device)
-                packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
-            out.update(zip(keys, host_list(packed), strict=True))
+            pending.append(k)
+    if not pending:
+        return out
+    tensors: list[torch.Tensor] = [values[k] for k in pending]  # type: ignore[misc]
+    device = tensors[0].device
+    if all(t.dim() == 0 and t.device == device for t in tensors):
+        # stack promotes mixed dtypes; tolist() reads any float dtype exactly: no cast needed
+        packed = torch.stack(tensors)
+    else:
+        dtype = accumulate_dtype(device)
+        packed = torch.stack([_as_scalar(t, device, dtype) for t in tensors])
+    out.update(zip(pending, host_list(packed), strict=True))
     return {k: out[k] for k in values}
 
 

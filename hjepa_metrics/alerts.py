@@ -6,8 +6,10 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from . import registry
+from .registry import AlertRule, Bounds, inside, outside
 
 log = logging.getLogger("hjepa_metrics.alerts")
 
@@ -17,6 +19,9 @@ DEFAULT_MAX_KEPT = 1000
 CONFIG_KEY = "hjepa_metrics"
 # what AlertMonitor.settings() saves into a run's config, for a report to judge it the same way
 SETTINGS = ("num_hierarchies", "warmup_steps", "repeat_interval")
+_UNSEEN: Any = object()
+_MAX_TAGS = 1 << 16
+_Rule = tuple[AlertRule, int | None] | tuple[None, int] | None
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class AlertMonitor:
         self.crossings: Counter[str] = Counter()
         self.active: set[str] = set()
         self._feature_dims: dict[int, int] = {}
+        self._rules: dict[str, _Rule] = {}
+        self._bounds: dict[str, Bounds] = {}  # in force for the current feature widths
         self.last: dict[str, tuple[int, float]] = {}  # tag with a rule -> (step, value) last checked
         self._reported: dict[str, tuple[int, int]] = {}  # tag -> (step of its last report, interval)
         self._recovered_at: dict[str, int] = {}
@@ -89,35 +96,42 @@ class AlertMonitor:
 
     def set_feature_dim(self, level: int, dim: int) -> None:
         """The feature width D of ``level``, for rules that scale with it (effective rank)."""
-        self._feature_dims[level] = int(dim)
+        if self._feature_dims.get(level) != int(dim):
+            self._feature_dims[level] = int(dim)
+            self._bounds.clear()
 
     def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
         """New reports among ``metrics`` (full tags, prefixes allowed)."""
         ruled = []
+        rules = self._rules
         for tag, value in metrics.items():
-            match = registry.lookup(tag)
-            if match is None:
+            rule = rules.get(tag, _UNSEEN)
+            if rule is _UNSEEN:
+                rule = self._rule(tag)
+            if rule is None:
                 continue
-            if match.spec.alert is not None:
-                ruled.append((tag, float(value), match))
-            elif match.spec.template == FEATURE_DIM and match.level is not None:
-                self.set_feature_dim(match.level, int(value))  # before the rules that scale with it
+            if rule[0] is None:
+                self.set_feature_dim(rule[1], int(value))  # before the rules that scale with it
+            else:
+                ruled.append((tag, float(value), rule))
         if step < self.warmup_steps:  # an untrained model is far from every threshold: not news
             return []
         new = []
-        for tag, value, match in ruled:
-            rule = match.spec.alert
-            assert rule is not None
-            level, n = match.level, self.num_hierarchies
+        for tag, value, (rule, level) in ruled:
             self.last[tag] = (step, value)
-            dim = self._feature_dims.get(level) if level is not None else None
-            if rule.fires(value, level=level, num_hierarchies=n, dim=dim):
+            bounds = self._bounds.get(tag, _UNSEEN)
+            if bounds is _UNSEEN:
+                dim = self._feature_dims.get(level) if level is not None else None
+                bounds = rule.bounds(level=level, num_hierarchies=self.num_hierarchies, dim=dim)
+                self._bounds[tag] = bounds
+            if outside(value, bounds):
                 if tag not in self.active:
                     self.active.add(tag)
+                    dim = self._feature_dims.get(level) if level is not None else None
                     alert = self._crossed(tag, step, value, rule.describe(level=level, dim=dim))
                     if alert is not None:
                         new.append(alert)
-            elif tag in self.active and rule.recovered(value, level=level, num_hierarchies=n, dim=dim):
+            elif tag in self.active and inside(value, bounds):
                 if self.log_alerts:
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
                 self.active.discard(tag)
@@ -129,6 +143,20 @@ class AlertMonitor:
             if self.on_alert is not None:
                 self.on_alert(alert)
         return new
+
+    def _rule(self, tag: str) -> _Rule:
+        """What checking ``tag`` takes, parsed once per tag: ``(rule, level)``, ``(None, level)`` for a
+        feature width, or ``None`` for a tag without a rule."""
+        match = registry.lookup(tag)
+        rule: _Rule = None
+        if match is not None and match.spec.alert is not None:
+            rule = (match.spec.alert, match.level)
+        elif match is not None and match.spec.template == FEATURE_DIM and match.level is not None:
+            rule = (None, match.level)
+        if len(self._rules) >= _MAX_TAGS:  # tags made up per step (a step number in the name)
+            self._rules.clear()
+        self._rules[tag] = rule
+        return rule
 
     def _crossed(self, tag: str, step: int, value: float, rule: str) -> Alert | None:
         """The report for a new crossing, or ``None`` while the tag's rate limit holds it back."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,13 +27,20 @@ def loss_inputs(
         num_hierarchies = sum(1 for k in loss_dict if _LEVEL_KEY.match(str(k)))
     if num_hierarchies < 1:
         raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
-    keys = ["loss", *(f"loss_h{i}" for i in range(num_hierarchies))]
+    keys = _input_keys(num_hierarchies)
+    if "loss_unweighted" in loss_dict:
+        keys = (*keys, "loss_unweighted")
+    inputs: dict[str, torch.Tensor | float] = {}
     for key in keys:
         if key not in loss_dict:
             raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
-    if "loss_unweighted" in loss_dict:
-        keys.append("loss_unweighted")
-    return {key: scalar_tensor(loss_dict[key], f"loss_dict[{key!r}]") for key in keys}
+        inputs[key] = scalar_tensor(loss_dict[key], f"loss_dict[{key!r}]")
+    return inputs
+
+
+@functools.cache
+def _input_keys(num_hierarchies: int) -> tuple[str, ...]:
+    return ("loss", *(f"loss_h{i}" for i in range(num_hierarchies)))
 
 
 def hierarchical_losses(
@@ -55,9 +63,10 @@ def losses_from_inputs(
     inputs: Mapping[str, float], hierarchy_weights: Sequence[float] | None
 ) -> dict[str, float]:
     """:func:`hierarchical_losses` of inputs already checked by :func:`loss_inputs` and read to the host."""
-    levels = [v for k, v in inputs.items() if _LEVEL_KEY.match(k)]
+    levels = [v for k, v in inputs.items() if k.startswith("loss_h")]  # loss_inputs' order: h0, h1, ...
     weights = checked_weights(hierarchy_weights, len(levels))
-    out = {"loss/total": inputs["loss"], **{f"loss/h{i}": v for i, v in enumerate(levels)}}
+    out = {"loss/total": inputs["loss"]}
+    out.update(zip(_level_tags(len(levels)), levels, strict=True))
     if "loss_unweighted" in inputs:
         out["loss/unweighted"] = inputs["loss_unweighted"]
     out["health/loss_nonfinite"] = float(sum(not math.isfinite(v) for v in out.values()))
@@ -65,9 +74,21 @@ def losses_from_inputs(
     weighted = [w * v for w, v in zip(weights, levels, strict=True)]
     denominator = sum(weighted)
     if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %
-        for i, part in enumerate(weighted):
-            out[f"loss/contribution_h{i}"] = 100.0 * part / denominator
+        out.update(
+            (tag, 100.0 * part / denominator)
+            for tag, part in zip(_contribution_tags(len(levels)), weighted, strict=True)
+        )
     return out
+
+
+@functools.cache
+def _level_tags(num_hierarchies: int) -> tuple[str, ...]:
+    return tuple(f"loss/h{i}" for i in range(num_hierarchies))
+
+
+@functools.cache
+def _contribution_tags(num_hierarchies: int) -> tuple[str, ...]:
+    return tuple(f"loss/contribution_h{i}" for i in range(num_hierarchies))
 
 
 def checked_weights(hierarchy_weights: Sequence[float] | None, num_hierarchies: int) -> list[float]:

@@ -27,6 +27,31 @@ CATEGORIES = (
 )
 
 
+Bounds = tuple[float | None, float | None] | None
+
+
+def outside(value: float, bounds: Bounds) -> bool:
+    """Whether ``value`` is outside :meth:`AlertRule.bounds` (NaN, or no bounds, never is)."""
+    if bounds is None or value != value:
+        return False
+    low, high = bounds
+    return (low is not None and value < low) or (high is not None and value > high)
+
+
+def inside(value: float, bounds: Bounds, margin: float = 0.05) -> bool:
+    """Whether ``value`` is back inside ``bounds`` by ``margin`` of each bound's size (no bounds: it is;
+    NaN never is)."""
+    if bounds is None:
+        return True
+    if value != value:
+        return False
+    low, high = bounds
+    width = abs(high - low) if low is not None and high is not None else None
+    ok_low = low is None or value >= low + margin * (width if width is not None else abs(low))
+    ok_high = high is None or value <= high - margin * (width if width is not None else abs(high))
+    return ok_low and ok_high
+
+
 @dataclass(frozen=True)
 class AlertRule:
     """A threshold from the guide's interpretation tables.
@@ -45,7 +70,7 @@ class AlertRule:
 
     def bounds(
         self, *, level: int | None = None, num_hierarchies: int | None = None, dim: int | None = None
-    ) -> tuple[float | None, float | None] | None:
+    ) -> Bounds:
         """``(low, high)`` outside which the rule fires, or ``None`` where it does not apply."""
         if self.level_ranges:
             if level is None or num_hierarchies != len(self.level_ranges) or level >= len(self.level_ranges):
@@ -67,11 +92,7 @@ class AlertRule:
         dim: int | None = None,
     ) -> bool:
         """Whether ``value`` crosses the rule (NaN never fires; it is reported as non-finite instead)."""
-        b = self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim)
-        if b is None or value != value:
-            return False
-        low, high = b
-        return (low is not None and value < low) or (high is not None and value > high)
+        return outside(value, self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim))
 
     def recovered(
         self,
@@ -84,16 +105,7 @@ class AlertRule:
     ) -> bool:
         """Back inside the healthy range by ``margin`` of each bound's size (hysteresis), so a value
         hovering at a threshold does not fire on every other step. NaN never counts as recovered."""
-        b = self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim)
-        if b is None:
-            return True
-        if value != value:
-            return False
-        low, high = b
-        width = abs(high - low) if low is not None and high is not None else None
-        ok_low = low is None or value >= low + margin * (width if width is not None else abs(low))
-        ok_high = high is None or value <= high - margin * (width if width is not None else abs(high))
-        return ok_low and ok_high
+        return inside(value, self.bounds(level=level, num_hierarchies=num_hierarchies, dim=dim), margin)
 
     def describe(self, *, level: int | None = None, dim: int | None = None) -> str:
         """The rule in words; with ``level`` (and ``dim`` for rules that scale with D), the threshold
