@@ -440,6 +440,7 @@ def bench_training_thread_cost(steps: int) -> list[Row]:
                 "log_dir": tmp,
                 "backends": ["tensorboard", "wandb", "mlflow", "jsonl"],
                 "wandb": {"mode": "offline", "project": "bench"},
+                "timeout": 300,  # close waits for MLflow to catch up: nothing dropped, nothing outlives tmp
             }
             writer = build_writers(cfg)
             _training_loop(writer, 20, work)  # the writer processes have started

@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
+from . import _priority
 from ._media import embedding_rows, image_png, is_figure, to_numpy
 from .base import BaseWriter, LayoutDict, Location, Writer, check_step
 from .lifecycle import DEFAULT_TIMEOUT, lifecycle
@@ -134,6 +135,7 @@ class ProcessWriter(BaseWriter):
         self._seq = 0
         self._gone = False
         self._slow = False
+        self._closing = False
         self._started = threading.Event()
         self._awaiting = True  # the constructor raises a failure it sees; the reader reports a later one
         self._start_failure: tuple[str, str] | None = None
@@ -148,6 +150,9 @@ class ProcessWriter(BaseWriter):
             env=env,
             bufsize=0,
             close_fds=True,
+            # Ctrl-C and a kill of the job's process group are not its own (it closes the runs
+            # after them), and a session is what Linux schedules first: see _priority
+            start_new_session=True,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._to_child = self._proc.stdin
@@ -202,8 +207,12 @@ class ProcessWriter(BaseWriter):
                     first[1],
                     first[2],
                 )
-        self._started.set()
+        with self._lock:
+            self._started.set()
+            closing = self._closing
         if first is not None and first[0] == "started":
+            if closing:  # it lowered itself as it started, while training already waits for it
+                _priority.restore(self._proc.pid)
             while (reply := receive_frame(self._from_child)) is not None:
                 _, seq, counts = reply
                 self._counts = dict(counts)
@@ -366,6 +375,11 @@ class ProcessWriter(BaseWriter):
         _open_writers.discard(self)
         deadline = time.monotonic() + self.timeout
         before = sum(self.error_counts().values())
+        with self._lock:
+            self._closing = True
+            started = self._started.is_set()
+        if started:  # training waits for it now: full speed for what is queued and the close
+            _priority.restore(self._proc.pid)
         self._request(("close", failed, lifecycle.killed), "close")
         if not self._started.is_set():
             self._errors += 1
@@ -395,8 +409,6 @@ class ProcessWriter(BaseWriter):
                 # with what it started in its group (W&B's service, in a session of its own, watches
                 # its parent's pid and exits after it)
                 os.killpg(self._proc.pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                self._proc.kill()  # not yet the leader of its own process group
         self._proc.wait()
 
     def _detach(self, devnull: int) -> None:
