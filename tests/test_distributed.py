@@ -23,6 +23,15 @@ def _data() -> dict[str, list[torch.Tensor]]:
         "preds": [[torch.randn(4, n, 8, generator=gen) for n in (8, 4, 2)] for _ in range(WORLD)],
         "targs": [[torch.randn(4, n, 8, generator=gen) for n in (8, 4, 2)] for _ in range(WORLD)],
         "masks": [torch.rand(4 + 2 * r, 3, 16, generator=gen) > 0.6 for r in range(WORLD)],
+        # level 2 of rank 0 collapsed to zeros, rank 1's all above 1: the global min is rank 0's 0
+        "hier": [
+            [
+                torch.randn(3 + r, 8, 8, generator=gen),
+                torch.randn(3 + r, 4, 8, generator=gen),
+                torch.zeros(3, 2, 8) if r == 0 else 1 + torch.rand(4, 2, 8, generator=gen),
+            ]
+            for r in range(WORLD)
+        ],
     }
 
 
@@ -35,6 +44,7 @@ def _worker(rank: int, port: int, log_dir: str) -> None:
             logger.log_collapse_metrics(data["features"][rank], level=0, global_step=1)
             logger.log_prediction_quality(data["preds"][rank], data["targs"][rank], global_step=1)
             logger.log_masking_statistics(data["masks"][rank], global_step=1)
+            logger.log_hierarchy_feature_stats(data["hier"][rank], global_step=1)
             val = logger.validation()
             val.update(data["preds"][rank], data["targs"][rank], features=data["features"][rank])
             val.log(global_step=2)
@@ -54,7 +64,9 @@ def test_two_ranks_reduce_to_the_single_process_result(tmp_path: Path) -> None:
     features = torch.cat(data["features"])
     preds = [torch.cat([data["preds"][r][lvl] for r in range(WORLD)]) for lvl in range(3)]
     targs = [torch.cat([data["targs"][r][lvl] for r in range(WORLD)]) for lvl in range(3)]
+    hier = [torch.cat([data["hier"][r][lvl] for r in range(WORLD)]) for lvl in range(3)]
     want = {
+        **hm.hierarchy_feature_stats(hier),
         **hm.collapse_metrics(features),
         **hm.prediction_quality(preds, targs),
         **hm.masking_statistics(torch.cat(data["masks"])),
@@ -62,9 +74,15 @@ def test_two_ranks_reduce_to_the_single_process_result(tmp_path: Path) -> None:
     for key, value in want.items():
         if key.endswith("max_similarity"):
             continue  # a seeded sample of rows: merged across ranks, not the same draw
-        assert logged["train/" + key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        # hierarchy sums float32 features pairwise in float32 (no float64 copy): ~1e-7 relative
+        rel = 1e-6 if key.startswith("hierarchy/") else 1e-9
+        assert logged["train/" + key] == pytest.approx(value, rel=rel, abs=1e-12), key
         if key.startswith(("collapse/", "prediction/")):
             assert val["val/" + key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    for level, x in enumerate(hier):  # float64 brute force
+        x64 = x.double().numpy()
+        assert logged[f"train/hierarchy/level{level}_feat_range"] == pytest.approx(x64.max() - x64.min())
+        assert logged[f"train/hierarchy/level{level}_feat_std"] == pytest.approx(x64.std(ddof=1), rel=1e-6)
     exact_max = hm.collapse_metrics(features, max_similarity_rows=len(features))[
         "collapse/level0_max_similarity"
     ]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import RTOL, as_float64, convert
 
+import hjepa_metrics._tensor
 from hjepa_metrics import hierarchy_feature_stats, prediction_quality
 
 
@@ -77,7 +78,13 @@ def test_prediction_errors_name_the_argument() -> None:
         prediction_quality([torch.ones(2, 3, 4)] * 2, [torch.ones(2, 3, 4)])
 
 
-def test_hierarchy_stats_match_numpy(kind: str) -> None:
+# on the CPU the state is Python floats; accelerators keep float64 tensors (the packed path)
+device_state = pytest.mark.parametrize("packed", [False, True], ids=["host-floats", "device-tensors"])
+
+
+@device_state
+def test_hierarchy_stats_match_numpy(kind: str, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hjepa_metrics._tensor, "PACK_CPU_READS", packed)
     gen = torch.Generator().manual_seed(3)
     preds = [
         convert(torch.randn(2, n, 8, generator=gen) * (level + 1), kind) for level, n in enumerate((16, 4, 1))
@@ -93,7 +100,9 @@ def test_hierarchy_stats_match_numpy(kind: str) -> None:
         assert got[tag + "feat_norm"] == pytest.approx(np.linalg.norm(x, axis=-1).mean(), rel=RTOL)
 
 
-def test_hierarchy_single_element_std_is_nan() -> None:
+@device_state
+def test_hierarchy_single_element_std_is_nan(packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hjepa_metrics._tensor, "PACK_CPU_READS", packed)
     got = hierarchy_feature_stats([torch.ones(1, 1, 1)])
     assert math.isnan(got["hierarchy/level0_feat_std"])
     assert got["hierarchy/level0_feat_mean"] == 1.0
