@@ -64,19 +64,25 @@ def losses_from_inputs(
 ) -> dict[str, float]:
     """:func:`hierarchical_losses` of inputs already checked by :func:`loss_inputs` and read to the host."""
     levels = [v for k, v in inputs.items() if k.startswith("loss_h")]  # loss_inputs' order: h0, h1, ...
-    weights = checked_weights(hierarchy_weights, len(levels))
     out = {"loss/total": inputs["loss"]}
     out.update(zip(_level_tags(len(levels)), levels, strict=True))
-    if "loss_unweighted" in inputs:
-        out["loss/unweighted"] = inputs["loss_unweighted"]
-    out["health/loss_nonfinite"] = float(sum(not math.isfinite(v) for v in out.values()))
-    out.setdefault("loss/unweighted", sum(levels) / len(levels))
-    weighted = [w * v for w, v in zip(weights, levels, strict=True)]
+    given = inputs.get("loss_unweighted")
+    if given is not None:
+        out["loss/unweighted"] = given
+    # a finite sum means every value is finite: count them one by one only when it is not
+    nonfinite = 0 if math.isfinite(sum(out.values())) else sum(not math.isfinite(v) for v in out.values())
+    out["health/loss_nonfinite"] = float(nonfinite)
+    if given is None:
+        out["loss/unweighted"] = sum(levels) / len(levels)
+    weighted = [w * v for w, v in zip(checked_weights(hierarchy_weights, len(levels)), levels, strict=True)]
     denominator = sum(weighted)
     if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %
         out.update(
-            (tag, 100.0 * part / denominator)
-            for tag, part in zip(_contribution_tags(len(levels)), weighted, strict=True)
+            zip(
+                _contribution_tags(len(levels)),
+                [100.0 * part / denominator for part in weighted],
+                strict=True,
+            )
         )
     return out
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _tensor
 from ._tensor import ArrayLike, as_tensor, to_host
 from .accumulator import RawValues
 
@@ -18,24 +19,29 @@ class MaskingAccumulator:
     """
 
     def __init__(self) -> None:
-        self.masked: torch.Tensor | None = None  # float64 0-d, on the mask's device
+        # masked patches summed over updates: a float64 0-d tensor on an accelerator's mask's device
+        # (no host read), a float on the CPU (no transfer there; float ops cost less than tensor ones)
+        self.masked: torch.Tensor | float | None = None
         # B summed over updates: a float, or a device tensor once summed over ranks (no host read)
         self.samples: torch.Tensor | float = 0.0
         self.num_patches: int | None = None
 
     def update(self, mask: ArrayLike | Sequence[ArrayLike], num_patches: int | None = None) -> None:
-        masked, batch, total = masked_totals(mask, num_patches)
+        count, batch, total = masked_totals(mask, num_patches)
         if self.num_patches is not None and total != self.num_patches:
             raise ValueError(f"num_patches: got {total}; expected {self.num_patches} as in earlier masks")
         self.num_patches = total
+        # an exact integer count: float64 holds it exactly
+        masked = (
+            float(count.item()) if count.is_cpu and not _tensor.PACK_CPU_READS else count.to(torch.float64)
+        )
         self.masked = masked if self.masked is None else self.masked + masked
         self.samples = self.samples + batch
 
     def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
         del rank, world
-        masked = self.masked if self.masked is not None else torch.zeros((), dtype=torch.float64)
-        samples = torch.as_tensor(self.samples, dtype=torch.float64, device=device)
-        return [torch.stack([masked.to(device), samples])]
+        parts = [0.0 if self.masked is None else self.masked, self.samples]
+        return [torch.stack([torch.as_tensor(p, dtype=torch.float64).to(device) for p in parts])]
 
     def load_sync(self, parts: list[torch.Tensor]) -> None:
         self.masked, self.samples = parts[0][0], parts[0][1]
@@ -78,7 +84,7 @@ def masking_statistics(
 def masked_totals(
     mask: ArrayLike | Sequence[ArrayLike], num_patches: int | None = None
 ) -> tuple[torch.Tensor, int, int]:
-    """``(masked patches summed over the batch (a float64 0-d tensor), B, num_patches)``.
+    """``(masked patches summed over the batch (an int64 0-d tensor), B, num_patches)``.
 
     See :func:`masking_statistics` for the accepted forms."""
     if isinstance(mask, Sequence) and not isinstance(mask, (str, bytes)):
@@ -96,8 +102,8 @@ def masked_totals(
     total = n if num_patches is None else int(num_patches)
     if total < n:
         raise ValueError(f"num_patches: got {total}; expected at least the mask's patch dim {n}")
-    # an exact integer count (float64 holds it exactly), ~2.5x faster than a float64 sum on the CPU
-    return torch.count_nonzero(masked).to(torch.float64), int(masked.shape[0]), total
+    # an exact integer count, ~2.5x faster than a float64 sum on the CPU
+    return torch.count_nonzero(masked), int(masked.shape[0]), total
 
 
 def _holds_indices(t: torch.Tensor) -> bool:
