@@ -91,10 +91,8 @@ def _level_stats(x: torch.Tensor) -> _LevelState:
         # a finite sum of non-negative norms means every norm is finite: no pass to count them
         bad = 0.0 if math.isfinite(norm_sum) else float((~torch.isfinite(norms)).sum())
         tokens = float(norms.numel())
-        return [n, total, var.item() * n, total * total / n, norm_sum, tokens, bad], [
-            -low.item(),
-            high.item(),
-        ]
+        sums = [n, total, var.item() * n, total * total / n, norm_sum, tokens, bad]
+        return sums, [-low.item(), high.item()]
     acc = accumulate_dtype(x.device)
     # accelerators cast on load: they sum in float64 with no copy (the CPU's packed path casts the sum)
     total_t = x.sum().to(acc) if x.is_cpu else x.sum(dtype=acc)
@@ -129,9 +127,7 @@ def _nan_max(a: float, b: float) -> float:
 
 
 def _as_tensor(part: Any, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(
-        part, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device
-    )
+    return torch.as_tensor(part, dtype=accumulate_dtype(device), device=device)
 
 
 def _std(spread: Any, n: Any) -> Any:
