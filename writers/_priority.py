@@ -5,8 +5,8 @@ Linux schedules in two ways, and a writer process must rank below training in bo
 - with autogroup scheduling (on by default; processes in the root CPU cgroup) the CPU is shared
   between sessions first, each session's autogroup weighted by its own nice value, and only then
   between the threads inside it. A writer process has a session of its own, whose autogroup is set
-  to the lowest priority while training runs and back to normal when training waits for it
-  (``close``, or the end of the training process): an unprivileged process may raise an autogroup's
+  to the lowest priority while training runs and back to normal while training waits for it (``close``,
+  a slow ``flush``, the end of the training process): an unprivileged process may raise an autogroup's
   priority back, never a thread's.
 - in a CPU cgroup other than the root (containers, systemd units, batch schedulers) autogroups do
   not apply and threads compete by their nice values: every thread of a writer process is at nice 19.

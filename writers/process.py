@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from . import _priority
@@ -35,6 +35,8 @@ _LENGTH = struct.Struct("<I")
 # The pipe to the child holds this much; beyond it, calls wait in memory up to MAX_PENDING_BYTES.
 _PIPE_BYTES = 1 << 20
 MAX_PENDING_BYTES = 64 << 20
+# a flush still unanswered after this long gets the writer process normal priority until it answers
+BOOST_AFTER = 0.5
 # Errors the parent re-raises as themselves (a missing extra, a bad option): the user's to fix.
 _USER_ERRORS: dict[str, type[Exception]] = {
     "ImportError": ImportError,
@@ -104,7 +106,9 @@ class ProcessWriter(BaseWriter):
     where it is the user's to fix); a slower start goes on in the background, and a late failure is
     logged and counted. ``flush()`` waits until the child has written everything sent before it,
     ``close()`` until it has closed the run, each for ``timeout`` seconds at most: a child still busy
-    then finishes on its own, one that never started is stopped. Errors in the child are logged
+    then finishes on its own, one that never started is stopped. The child runs at the lowest CPU
+    priority except while training waits for it (the close, a flush not answered within
+    ``BOOST_AFTER`` seconds): see :mod:`writers._priority`. Errors in the child are logged
     there (on this process's stderr) and counted back with each flush; with ``strict=True`` a flush
     or close that finds new errors raises.
     """
@@ -302,13 +306,26 @@ class ProcessWriter(BaseWriter):
             raise RuntimeError(f"{self.name}: write after close")
         self._enqueue(("call", method, args, kwargs))
 
-    def _request(self, message: tuple[Any, ...], what: str) -> bool:
-        """Send ``message`` and wait (``timeout`` at most) for the child to answer it."""
-        deadline = time.monotonic() + self.timeout
+    def _request(self, message: tuple[Any, ...], what: str, *, boost_after: float | None = None) -> bool:
+        """Send ``message`` and wait (``timeout`` at most) for the child to answer it. A child that has
+        not answered after ``boost_after`` seconds runs at normal priority until it does: training is
+        waiting for it meanwhile (see :mod:`writers._priority`)."""
+        start = time.monotonic()
+        deadline = start + self.timeout
         event = self._enqueue(message, reply=True)
         if event is None:
             return False
-        done = self._push(deadline) and event.wait(max(0.0, deadline - time.monotonic()))
+
+        def answered(until: float) -> bool:
+            return self._push(until) and event.wait(max(0.0, until - time.monotonic()))
+
+        if boost_after is None:
+            done = answered(deadline)
+        else:
+            done = answered(min(deadline, start + boost_after))
+            if not done:
+                with self._boosted():
+                    done = answered(deadline)
         if done:
             self._slow = False
         elif not self._slow:
@@ -321,6 +338,20 @@ class ProcessWriter(BaseWriter):
                 self.timeout,
             )
         return done
+
+    @contextlib.contextmanager
+    def _boosted(self) -> Iterator[None]:
+        """The child at normal priority for the block, then back to the lowest (a child still starting
+        or already closing is left as it is)."""
+        with self._lock:
+            boost = self._started.is_set() and not self._closing
+        if boost:
+            _priority.restore(self._proc.pid)
+        try:
+            yield
+        finally:
+            if boost:
+                _priority.lower(self._proc.pid)
 
     # -- the writer protocol
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
@@ -364,7 +395,7 @@ class ProcessWriter(BaseWriter):
 
     def _flush(self) -> None:
         before = sum(self.error_counts().values())
-        self._request(("flush",), "flush")
+        self._request(("flush",), "flush", boost_after=BOOST_AFTER)
         self._raise_if_strict(before)
 
     def _raise_if_strict(self, before: int) -> None:
