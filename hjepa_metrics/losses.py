@@ -77,13 +77,8 @@ def losses_from_inputs(
     weighted = [w * v for w, v in zip(checked_weights(hierarchy_weights, len(levels)), levels, strict=True)]
     denominator = sum(weighted)
     if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %
-        out.update(
-            zip(
-                _contribution_tags(len(levels)),
-                [100.0 * part / denominator for part in weighted],
-                strict=True,
-            )
-        )
+        for tag, part in zip(_contribution_tags(len(levels)), weighted, strict=True):
+            out[tag] = 100.0 * part / denominator
     return out
 
 

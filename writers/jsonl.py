@@ -116,10 +116,11 @@ class JSONLWriter(BaseWriter):
 
     # -- records
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
-        if not self.gate.allows(check_step(step)):
+        step = check_step(step)
+        if not self.gate.allows(step):
             return
         record = {
-            "step": check_step(step),
+            "step": step,
             "wall_time": time.time() if wall_time is None else float(wall_time),
             "metrics": encode_metrics(metrics),
         }
