@@ -64,7 +64,12 @@ def accumulate_dtype(device: torch.device) -> torch.dtype:
 
 
 def scalar_tensor(x: Scalar, name: str) -> torch.Tensor | float:
-    """A 0-d tensor (kept on its device) or a Python float; rejects tensors with more than one element."""
+    """A 0-d tensor (kept on its device) or a Python float; rejects tensors with more than one element.
+
+    A 0-d tensor that requires grad (a loss) is returned as it is: the callers only read it or pack
+    it for a reduction, and a ``detach()`` per value would cost more than the read."""
+    if type(x) is torch.Tensor and x.dim() == 0:
+        return x
     if isinstance(x, (torch.Tensor, np.ndarray)):
         t = as_tensor(x, name)
         if t.dim() == 0:

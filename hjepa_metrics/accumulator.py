@@ -58,8 +58,7 @@ Reduction = Literal["mean", "sum", "max"]
 
 class RankReduce:
     """Scalars combined over ranks in the call's one all-reduce: each value with its own reduction
-    (``mean`` by default, ``sum`` for counts such as a batch size, ``max`` for a peak), or kept as
-    this rank's own with ``local=True`` (then there is nothing to share).
+    (``mean`` by default, ``sum`` for counts such as a batch size, ``max`` for a peak).
 
     ``compute()`` returns the combined values under the keys they came with.
     """
@@ -69,11 +68,9 @@ class RankReduce:
         values: Mapping[str, torch.Tensor | float],
         *,
         reductions: Mapping[str, Reduction] | None = None,
-        local: bool = False,
     ) -> None:
         self.values: RawValues = dict(values)
         self.reductions = {k: (reductions or {}).get(k, "mean") for k in self.values}
-        self.local = local
 
     def update(self, values: Mapping[str, torch.Tensor | float]) -> None:
         self.values.update(values)
@@ -82,7 +79,7 @@ class RankReduce:
         return dict(self.values)
 
     def sync_parts(self, rank: int, world: int, device: torch.device) -> list[torch.Tensor]:
-        if self.local or not self.values:
+        if not self.values:
             return []
         keys = list(self.values)
         packed = torch.stack(

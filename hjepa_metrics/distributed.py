@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -15,11 +17,19 @@ from .accumulator import Accumulator
 
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, read when asked (never at import)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = _dist()
+    if dist is not None and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@functools.cache
+def _dist() -> Any:
+    """``torch.distributed`` where this build of torch has it, else ``None`` (asked once: every
+    logging call reads the world, and an import statement costs as much as the rest)."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
 
 
 def collective_device() -> torch.device:
@@ -96,7 +106,8 @@ def all_reduce_sum(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     import torch.distributed as dist
 
     device = collective_device()
-    flat = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
+    # detached: a loss given as it is (requiring grad) is only read
+    flat = torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
     dist.all_reduce(flat)
     if flat.is_cuda:
         # NCCL only enqueues: wait here (the caller's host read would wait for the same work), so a

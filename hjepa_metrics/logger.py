@@ -18,7 +18,7 @@ from writers import Writer, writer_from
 from writers.base import write_embedding
 
 from ._params import NamedTensors
-from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor
+from ._tensor import ArrayLike, Scalar, level_list, scalar_tensor, to_host
 from .accumulator import RankReduce, Reduction
 from .alerts import CONFIG_KEY, Alert, AlertMonitor
 from .collapse import CollapseAccumulator
@@ -143,20 +143,30 @@ class HJEPAMetricsLogger(MetricRouter):
     # -- the guide's methods
     def _over_ranks(
         self, values: Mapping[str, torch.Tensor | float], reductions: Mapping[str, Reduction] | None = None
-    ) -> RankReduce:
-        return RankReduce(values, reductions=reductions, local=self.rank_reduction == "local")
+    ) -> dict[str, float]:
+        """``values`` combined over ranks in one all-reduce (``rank_reduction``), read to the host.
+
+        Alone, or with ``rank_reduction="local"``, there is nothing to combine: the values are read
+        as they are, without the accumulator round trip (these calls are a few µs of work)."""
+        world = self._world_to_combine()
+        if world is not None:
+            state = RankReduce(values, reductions=reductions)
+            reduce_accumulators([state], world, warn_after=self.collective_warning)
+            values = state.compute()
+        return to_host(values)
+
+    def _world_to_combine(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` when scalars are combined over ranks (``rank_reduction="mean"`` and
+        more than one rank), else ``None``."""
+        world = self.world
+        return world if world[1] > 1 and self.rank_reduction != "local" else None
 
     def log_hierarchical_losses(
         self, loss_dict: Mapping[str, Scalar], global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
         """Losses of the global batch: each value is the mean over ranks (``rank_reduction``)."""
         inputs = self._over_ranks(loss_inputs(loss_dict, self.num_hierarchies))
-        return self.log_accumulated(
-            [inputs],
-            global_step,
-            prefix,
-            then=lambda v: losses_from_inputs(v, self.hierarchy_weights),
-        )
+        return self.emit(losses_from_inputs(inputs, self.hierarchy_weights), global_step, prefix)
 
     def log_masking_statistics(
         self,
@@ -265,12 +275,8 @@ class HJEPAMetricsLogger(MetricRouter):
                 "after": scalar_tensor(global_norm_after, "global_norm_after"),
             }
         )
-
-        def clipped(v: dict[str, float]) -> dict[str, float]:
-            self.clipping.update(v["before"], v["after"], clip_threshold)
-            return {k: float(x) for k, x in self.clipping.compute().items()}
-
-        return self.log_accumulated([norms], global_step, prefix, then=clipped)
+        self.clipping.update(norms["before"], norms["after"], clip_threshold)
+        return self.emit({k: float(x) for k, x in self.clipping.compute().items()}, global_step, prefix)
 
     def reset_clipping_stats(self) -> None:
         self.clipping.reset()
@@ -278,8 +284,7 @@ class HJEPAMetricsLogger(MetricRouter):
     def log_learning_rate(
         self, optimizer: Any, global_step: int | None = None, prefix: str | None = None
     ) -> dict[str, float]:
-        rates = self._over_ranks(group_learning_rates(optimizer))
-        return self.log_accumulated([rates], global_step, prefix, then=with_base_lr)
+        return self.emit(with_base_lr(self._over_ranks(group_learning_rates(optimizer))), global_step, prefix)
 
     def log_hierarchy_feature_stats(
         self,
@@ -309,12 +314,9 @@ class HJEPAMetricsLogger(MetricRouter):
         if loss_history is not None:
             return self.log_accumulated([LossHistory.of(loss_history, current_loss)], global_step, prefix)
 
-        def appended(v: dict[str, float]) -> dict[str, float]:
-            self.losses.update(v["loss"])
-            return {k: float(x) for k, x in self.losses.compute().items()}
-
         current = self._over_ranks({"loss": scalar_tensor(current_loss, "current_loss")})
-        return self.log_accumulated([current], global_step, prefix, then=appended)
+        self.losses.update(current["loss"])
+        return self.emit({k: float(x) for k, x in self.losses.compute().items()}, global_step, prefix)
 
     def log_performance_metrics(
         self,
@@ -327,19 +329,18 @@ class HJEPAMetricsLogger(MetricRouter):
     ) -> dict[str, float]:
         """Timing of the global batch: times are the mean over ranks, ``samples_per_second`` the
         sum of the ranks' batches over that time, memory the highest of any rank (CUDA)."""
-        timing_metrics(batch_size, forward_time, backward_time)  # check the inputs on every rank
+        timing = timing_metrics(batch_size, forward_time, backward_time)  # checks the inputs on every rank
         memory = cuda_memory_metrics(device)
+        if self._world_to_combine() is None:
+            return self.emit({**timing, **memory}, global_step, prefix)
         inputs = {
             "batch": float(batch_size),
             "forward": float(forward_time),
             "backward": float(backward_time),
         }
-        state = self._over_ranks({**inputs, **memory}, {"batch": "sum", **dict.fromkeys(memory, "max")})
-
-        def timed(v: dict[str, float]) -> dict[str, float]:
-            return {**timing_metrics(v["batch"], v["forward"], v["backward"]), **{k: v[k] for k in memory}}
-
-        return self.log_accumulated([state], global_step, prefix, then=timed)
+        v = self._over_ranks({**inputs, **memory}, {"batch": "sum", **dict.fromkeys(memory, "max")})
+        timing = timing_metrics(v["batch"], v["forward"], v["backward"])
+        return self.emit({**timing, **{k: v[k] for k in memory}}, global_step, prefix)
 
     def log_ema_dynamics(
         self,

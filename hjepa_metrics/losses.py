@@ -29,18 +29,24 @@ def loss_inputs(
         raise ValueError(f"loss_dict: found no 'loss_h{{i}}' keys (keys: {sorted(map(str, loss_dict))})")
     keys = _input_keys(num_hierarchies)
     if "loss_unweighted" in loss_dict:
-        keys = (*keys, "loss_unweighted")
+        keys = (*keys, ("loss_unweighted", "loss_dict['loss_unweighted']"))
     inputs: dict[str, torch.Tensor | float] = {}
-    for key in keys:
-        if key not in loss_dict:
-            raise KeyError(f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})")
-        inputs[key] = scalar_tensor(loss_dict[key], f"loss_dict[{key!r}]")
+    for key, name in keys:
+        try:
+            value = loss_dict[key]
+        except KeyError:
+            raise KeyError(
+                f"loss_dict: missing key {key!r} (got keys {sorted(map(str, loss_dict))})"
+            ) from None
+        inputs[key] = scalar_tensor(value, name)
     return inputs
 
 
 @functools.cache
-def _input_keys(num_hierarchies: int) -> tuple[str, ...]:
-    return ("loss", *(f"loss_h{i}" for i in range(num_hierarchies)))
+def _input_keys(num_hierarchies: int) -> tuple[tuple[str, str], ...]:
+    """``(key, name in errors)`` of the inputs of a model of ``num_hierarchies`` levels."""
+    keys = ("loss", *(f"loss_h{i}" for i in range(num_hierarchies)))
+    return tuple((key, f"loss_dict[{key!r}]") for key in keys)
 
 
 def hierarchical_losses(
@@ -63,21 +69,29 @@ def losses_from_inputs(
     inputs: Mapping[str, float], hierarchy_weights: Sequence[float] | None
 ) -> dict[str, float]:
     """:func:`hierarchical_losses` of inputs already checked by :func:`loss_inputs` and read to the host."""
-    levels = [v for k, v in inputs.items() if k.startswith("loss_h")]  # loss_inputs' order: h0, h1, ...
-    out = {"loss/total": inputs["loss"]}
-    out.update(zip(_level_tags(len(levels)), levels, strict=True))
     given = inputs.get("loss_unweighted")
+    count = len(inputs) - 1 - (given is not None)
+    levels = [inputs[key] for key, _ in _input_keys(count)[1:]]
+    out = {"loss/total": inputs["loss"]}
+    for tag, value in zip(_level_tags(count), levels):  # noqa: B905 (both of `count`)
+        out[tag] = value
     if given is not None:
         out["loss/unweighted"] = given
     # a finite sum means every value is finite: count them one by one only when it is not
-    nonfinite = 0 if math.isfinite(sum(out.values())) else sum(not math.isfinite(v) for v in out.values())
-    out["health/loss_nonfinite"] = float(nonfinite)
+    total = sum(out.values())
+    out["health/loss_nonfinite"] = (
+        0.0 if math.isfinite(total) else float(sum(not math.isfinite(v) for v in out.values()))
+    )
     if given is None:
-        out["loss/unweighted"] = sum(levels) / len(levels)
-    weighted = [w * v for w, v in zip(checked_weights(hierarchy_weights, len(levels)), levels, strict=True)]
+        out["loss/unweighted"] = sum(levels) / count
+    weighted = (
+        levels
+        if hierarchy_weights is None
+        else [w * v for w, v in zip(checked_weights(hierarchy_weights, count), levels)]  # noqa: B905
+    )
     denominator = sum(weighted)
     if math.isfinite(denominator) and denominator > 0:  # of an infinite total: undefined, never 0 %
-        for tag, part in zip(_contribution_tags(len(levels)), weighted, strict=True):
+        for tag, part in zip(_contribution_tags(count), weighted):  # noqa: B905
             out[tag] = 100.0 * part / denominator
     return out
 

@@ -45,7 +45,10 @@ class Writer(Protocol):
     The whole contract a caller may use; :class:`BaseWriter` gives a no-op default for each, so a
     backend overrides only what it supports. One method is optional (a writer without it is skipped):
     ``log_embedding(tag, values, step, metadata=None)``, rows ``[N, D]`` for the backend's embedding
-    view with one ``metadata`` label per row (see :meth:`BaseWriter.log_embedding`).
+    view with one ``metadata`` label per row (see :meth:`BaseWriter.log_embedding`). A writer that
+    also has ``encode_scalars(metrics, step, wall_time) -> bytes`` (pure, no I/O, any thread) and
+    ``write_encoded(data)`` gets its scalars from a :class:`~writers.background.BackgroundWriter`
+    encoded on the caller's thread (see :meth:`~writers.jsonl.JSONLWriter.encode_scalars`).
     """
 
     name: str

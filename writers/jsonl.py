@@ -44,22 +44,27 @@ def encode_float(value: Any, tag: str = "value") -> float | str:
     return "NaN" if f != f else ("Infinity" if f > 0 else "-Infinity")
 
 
-_FLOAT, _STR = {float}, {str}
+_FLOAT = {float}
 
 
-def encode_metrics(metrics: Mapping[str, float]) -> Mapping[str, float | str]:
+def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
     """``metrics`` with string tags and JSON-safe values (see :func:`encode_float`)."""
-    values = metrics.values()
-    # the common case, a dict of finite floats with string tags, is JSON-safe as it is: three C
-    # loops, no copy (a finite sum means every value is finite)
-    if (
-        type(metrics) is dict
-        and set(map(type, values)) == _FLOAT
-        and math.isfinite(sum(values))
-        and set(map(type, metrics)) == _STR
-    ):
-        return metrics
     return {str(tag): encode_float(value, str(tag)) for tag, value in metrics.items()}
+
+
+def scalar_line(
+    dumps: Callable[[Any], bytes], step: int, wall_time: float, metrics: Mapping[str, float]
+) -> bytes:
+    """The JSON line of one scalar record, ``metrics`` encoded by :func:`encode_metrics`."""
+    values = metrics.values()
+    # the common case, a dict of finite floats, is JSON-safe as it is: two C loops, no copy (a finite
+    # sum means every value is finite); a key that is not a string makes the encoder refuse it
+    if type(metrics) is dict and set(map(type, values)) == _FLOAT and math.isfinite(sum(values)):
+        try:
+            return dumps({"step": step, "wall_time": wall_time, "metrics": metrics}) + b"\n"
+        except TypeError:
+            pass
+    return dumps({"step": step, "wall_time": wall_time, "metrics": encode_metrics(metrics)}) + b"\n"
 
 
 def jsonable(obj: Any) -> Any:
@@ -116,15 +121,22 @@ class JSONLWriter(BaseWriter):
 
     # -- records
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
-        step = check_step(step)
+        self.write_encoded(self.encode_scalars(metrics, check_step(step), wall_time))
+
+    def encode_scalars(
+        self, metrics: Mapping[str, float], step: int, wall_time: float | None = None
+    ) -> bytes:
+        """The line :meth:`write_encoded` appends for these scalars (``b""`` at a step that a resumed
+        run already holds). No I/O and no state: a :class:`~writers.background.BackgroundWriter`
+        calls it on the caller's thread, so its own thread only appends bytes."""
         if not self.gate.allows(step):
-            return
-        record = {
-            "step": step,
-            "wall_time": time.time() if wall_time is None else float(wall_time),
-            "metrics": encode_metrics(metrics),
-        }
-        self._append(record)
+            return b""
+        return scalar_line(self._dumps, step, time.time() if wall_time is None else float(wall_time), metrics)
+
+    def write_encoded(self, data: bytes) -> None:
+        """Append lines made by :meth:`encode_scalars`."""
+        if data:
+            self._append_line(data)
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         hist = histogram(values, name=tag)
@@ -187,9 +199,12 @@ class JSONLWriter(BaseWriter):
 
     # -- I/O
     def _append(self, record: Mapping[str, Any]) -> None:
+        self._append_line(self._dumps(record) + b"\n")
+
+    def _append_line(self, data: bytes) -> None:
         if self._closed:
             raise RuntimeError(f"{self.name}: write after close ({self.path})")
-        self._file.append(self._dumps(record) + b"\n")
+        self._file.append(data)
         self._mark_dirty()
 
     def error_counts(self) -> dict[str, int]:
