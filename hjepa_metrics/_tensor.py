@@ -97,7 +97,9 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     out: dict[str, float] = {}
     pending: list[str] = []
     for k, v in values.items():
-        if not isinstance(v, torch.Tensor):
+        if type(v) is float:  # before isinstance(v, Tensor), which costs more for a non-tensor
+            out[k] = v
+        elif not isinstance(v, torch.Tensor):
             out[k] = float(v)
         elif v.is_cpu and not PACK_CPU_READS:  # reading CPU memory is no transfer: no stacking
             out[k] = float(v.item())

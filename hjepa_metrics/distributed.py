@@ -106,7 +106,7 @@ def all_reduce_sum(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     import torch.distributed as dist
 
     device = collective_device()
-    # detached: a loss given as it is (requiring grad) is only read
+    # detached: no autograd graph is built for a loss passed as it is (requiring grad)
     flat = torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64) for p in parts])
     dist.all_reduce(flat)
     if flat.is_cuda:

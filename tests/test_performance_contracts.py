@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 import hjepa_metrics._tensor
+import hjepa_metrics.accumulator
+import hjepa_metrics.logger
 from hjepa_metrics import HJEPAMetricsLogger
 from writers import BaseWriter
 
@@ -114,6 +116,37 @@ def test_one_host_transfer_per_logger_call(levels: int, monkeypatch: pytest.Monk
         with count_host_reads() as reads:
             call()
         assert len(reads) <= 1, (name, reads)
+
+
+def test_scalar_calls_alone_read_their_values_without_a_rank_reduction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alone there is nothing to combine over ranks: losses, clipping, learning rate, stability and
+    timing read their few values directly (the distributed tests check what two ranks combine)."""
+    built: list[object] = []
+
+    class Counted(hjepa_metrics.accumulator.RankReduce):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hjepa_metrics.logger, "RankReduce", Counted)
+    logger = HJEPAMetricsLogger(Null(), num_hierarchies=2)
+    loss = torch.ones((), requires_grad=True) * 0.5  # as a training step has it
+    got = {
+        **logger.log_hierarchical_losses({"loss": loss, "loss_h0": loss * 0.5, "loss_h1": 0.25}, 1),
+        **logger.log_gradient_clipping(torch.tensor(2.0), torch.tensor(1.0), 1.0, global_step=1),
+        **logger.log_learning_rate(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 1),
+        **logger.log_training_stability(loss, global_step=1),
+        **logger.log_performance_metrics(8, 0.25, 0.75, global_step=1),
+    }
+    assert built == []
+    assert got["train/loss/total"] == 0.5 and got["train/loss/contribution_h0"] == 50.0
+    assert got["train/gradient/clipping_ratio"] == 0.5 and got["train/learning_rate/base_lr"] == 0.1
+    assert got["train/performance/samples_per_second"] == 8.0
+    logger.rank_reduction = "local"
+    logger.log_hierarchical_losses({"loss": 1.0, "loss_h0": 1.0, "loss_h1": 1.0}, 2)
+    assert built == []
 
 
 # operations that only describe memory (no pass over the values)

@@ -162,7 +162,9 @@ def _ddp_worker(rank: int, port: int, log_dir: str) -> None:
         losses = _losses(rank)
         for value in losses["loss"]:  # the last call's values are read back: over all three
             logger.log_training_stability(current_loss=torch.tensor(value), global_step=1)
-        logger.log_hierarchical_losses({k: v[-1] for k, v in losses.items()}, global_step=1)
+        # as a training step has them: tensors that require grad
+        weight = torch.ones((), requires_grad=True)
+        logger.log_hierarchical_losses({k: weight * v[-1] for k, v in losses.items()}, global_step=1)
         logger.log_learning_rate(optimizer, global_step=1)
         logger.log_gradient_flow(ddp, global_step=1)
         logger.log_ema_dynamics(ddp.module.context_encoder, target, 0.99, 1.0, global_step=1)

@@ -55,6 +55,49 @@ def test_order_flush_and_close_wait_for_everything(tmp_path: Path) -> None:
         w.log_scalars({"a": 0.0}, 501)
 
 
+def test_jsonl_scalars_are_encoded_by_the_caller_and_written_a_run_at_a_time(tmp_path: Path) -> None:
+    """The caller encodes scalar lines (the values are at hand, no I/O); the worker appends each run
+    of them that it finds queued with one write, in queue order with the other records."""
+    inner = JSONLWriter(tmp_path)
+    encoded_on: list[threading.Thread] = []
+    runs: list[int] = []
+    encode, write, log_config = inner.encode_scalars, inner.write_encoded, inner.log_config
+    held = threading.Event()
+
+    def spy_encode(metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> bytes:
+        encoded_on.append(threading.current_thread())
+        return encode(metrics, step, wall_time)
+
+    def spy_write(data: bytes) -> None:
+        runs.append(data.count(b"\n"))
+        write(data)
+
+    def held_config(config: Mapping[str, Any]) -> None:
+        held.wait(10)  # the worker is busy while the caller queues
+        log_config(config)
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the worker decoded scalars itself")
+
+    inner.encode_scalars, inner.write_encoded = spy_encode, spy_write  # type: ignore[method-assign]
+    inner.log_config, inner.log_scalars = held_config, refused  # type: ignore[method-assign]
+    w = BackgroundWriter(inner)
+    w.log_config({"run": 1})
+    for step in range(50):
+        w.log_scalars({"a": float(step)}, step)
+    w.log_histogram("h", np.arange(4.0), 50)
+    for step in range(51, 81):
+        w.log_scalars({"a": float(step)}, step)
+    held.set()
+    w.close()
+    assert set(encoded_on) == {threading.current_thread()} and len(encoded_on) == 80
+    assert runs == [50, 30]
+    records = read_jsonl(tmp_path)
+    kinds = [r.get("kind", "scalars") for r in records]
+    assert kinds == ["config", *["scalars"] * 50, "histogram", *["scalars"] * 30]
+    assert [r["metrics"]["a"] for r in records if "metrics" in r] == [float(s) for s in range(81) if s != 50]
+
+
 def test_log_returns_before_a_slow_backend_is_done() -> None:
     inner = Slow()
     inner.gate.clear()  # the backend is stuck

@@ -10,16 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from writers import JSONLWriter, read_jsonl
+from writers import BackgroundWriter, BaseWriter, JSONLWriter, read_jsonl
 from writers.records import scalar_series
 
+# each test of scalar records runs on the writer itself and behind a BackgroundWriter, which encodes
+# them on the caller's thread (JSONLWriter.encode_scalars) and hands the worker bytes
+VIA = ["direct", "background"]
 
-def test_scalars_round_trip_losslessly(tmp_path: Path) -> None:
-    with JSONLWriter(tmp_path) as w:
+
+def _jsonl(path: Path, via: str) -> BaseWriter:
+    writer = JSONLWriter(path)
+    return writer if via == "direct" else BackgroundWriter(writer)
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_scalars_round_trip_losslessly(tmp_path: Path, via: str) -> None:
+    with _jsonl(tmp_path, via) as w:
         w.log_scalars(
             {"train/a": 1.25, "train/nan": math.nan, "train/inf": math.inf, "train/ninf": -math.inf}, 3
         )
         w.log_scalars({"train/np": np.float32(0.5), "train/t": torch.tensor(2.0), "train/i": np.int64(7)}, 4)
+        w.log_scalars({"train/f": 0.5, "train/n": 3, "train/b": True}, 5)  # JSON numbers, but not floats
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     for line in lines:  # strict JSON: the stdlib parser refuses bare NaN/Infinity
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
@@ -31,6 +42,8 @@ def test_scalars_round_trip_losslessly(tmp_path: Path) -> None:
     assert m["train/a"] == 1.25 and math.isnan(m["train/nan"]) and m["train/inf"] == math.inf
     assert m["train/ninf"] == -math.inf
     assert records[1]["metrics"] == {"train/np": 0.5, "train/t": 2.0, "train/i": 7.0}
+    assert records[2]["metrics"] == {"train/f": 0.5, "train/n": 3.0, "train/b": 1.0}
+    assert '"train/n":3.0,"train/b":1.0}' in lines[2]  # written as floats: never `3` or `true`
     assert scalar_series(records, "train/a") == [(3, 1.25)]
 
 
@@ -104,7 +117,8 @@ def test_stdlib_fallback_writes_the_same_bytes(tmp_path: Path, monkeypatch: pyte
     }
 
 
-def test_plain_float_records_keep_every_value(tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", VIA)
+def test_plain_float_records_keep_every_value(tmp_path: Path, via: str) -> None:
     """Dicts of plain finite floats are written without a per-value pass; values whose sum overflows,
     subclasses of float and non-string tags still come out exact and strict."""
 
@@ -118,7 +132,7 @@ def test_plain_float_records_keep_every_value(tmp_path: Path) -> None:
         {1: 2.0, "c": 3.0},  # type: ignore[dict-item]
         {"n": 1.0, "nan": math.nan},
     ]
-    with JSONLWriter(tmp_path) as w:
+    with _jsonl(tmp_path, via) as w:
         for step, metrics in enumerate(cases):
             w.log_scalars(metrics, step)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -212,7 +212,7 @@ class BackgroundWriter(BaseWriter):
         """Queue ``item`` (a call, or the bytes of encoded scalars); ``False`` when it was dropped."""
         if self._first_error is not None:
             self._raise_if_strict()
-        if self.closed:
+        if self._closed:
             raise RuntimeError(f"{self.name}: write after close")
         if not self._running:
             raise RuntimeError(f"{self.name}: the background worker has stopped")
@@ -229,8 +229,8 @@ class BackgroundWriter(BaseWriter):
                 self.name,
                 self.dropped,
             )
-        if dirty:
-            self._mark_dirty()
+        if dirty and self._dirty_since is None:
+            self._dirty_since = time.monotonic()
         return True
 
     def _enqueue(self, item: Any, *, wake: bool) -> None:
@@ -270,7 +270,8 @@ class BackgroundWriter(BaseWriter):
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         stamped = time.time() if wall_time is None else wall_time
-        step = check_step(step)
+        if type(step) is not int:
+            step = check_step(step)
         if self._encode is None:
             self._put("log_scalars", dict(metrics), step, wall_time=stamped)
         elif data := self._encode(metrics, step, stamped):  # b"": a step the resumed run already has
