@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import registry
-from .registry import AlertRule, Bounds, inside, outside
+from .registry import AlertRule, Bounds, inside
 
 log = logging.getLogger("hjepa_metrics.alerts")
 
@@ -83,7 +84,8 @@ class AlertMonitor:
         self.active: set[str] = set()
         self._feature_dims: dict[int, int] = {}
         self._rules: dict[str, _Rule] = {}
-        self._bounds: dict[str, Bounds] = {}  # in force for the current feature widths
+        # per tag: (low, high, bounds) in force for the current feature widths
+        self._limits: dict[str, tuple[float, float, Bounds]] = {}
         self.last: dict[str, tuple[int, float]] = {}  # tag with a rule -> (step, value) last checked
         self._reported: dict[str, tuple[int, int]] = {}  # tag -> (step of its last report, interval)
         self._recovered_at: dict[str, int] = {}
@@ -98,7 +100,7 @@ class AlertMonitor:
         """The feature width D of ``level``, for rules that scale with it (effective rank)."""
         if self._feature_dims.get(level) != int(dim):
             self._feature_dims[level] = int(dim)
-            self._bounds.clear()
+            self._limits.clear()
 
     def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
         """New reports among ``metrics`` (full tags, prefixes allowed)."""
@@ -117,24 +119,24 @@ class AlertMonitor:
         if step < self.warmup_steps:  # an untrained model is far from every threshold: not news
             return []
         new = []
+        last, limits, active = self.last, self._limits, self.active
         for tag, value, (rule, level) in ruled:
-            self.last[tag] = (step, value)
-            bounds = self._bounds.get(tag, _UNSEEN)
-            if bounds is _UNSEEN:
-                dim = self._feature_dims.get(level) if level is not None else None
-                bounds = rule.bounds(level=level, num_hierarchies=self.num_hierarchies, dim=dim)
-                self._bounds[tag] = bounds
-            if outside(value, bounds):
-                if tag not in self.active:
-                    self.active.add(tag)
+            last[tag] = (step, value)
+            low_high_bounds = limits.get(tag)
+            if low_high_bounds is None:
+                low_high_bounds = limits[tag] = self._limits_of(rule, level)
+            low, high, bounds = low_high_bounds
+            if value < low or value > high:  # registry.outside, with a missing bound as ±inf; NaN never is
+                if tag not in active:
+                    active.add(tag)
                     dim = self._feature_dims.get(level) if level is not None else None
                     alert = self._crossed(tag, step, value, rule.describe(level=level, dim=dim))
                     if alert is not None:
                         new.append(alert)
-            elif tag in self.active and inside(value, bounds):
+            elif tag in active and inside(value, bounds):
                 if self.log_alerts:
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
-                self.active.discard(tag)
+                active.discard(tag)
                 self._recovered_at[tag] = step
         for alert in new:
             if self.log_alerts:
@@ -143,6 +145,14 @@ class AlertMonitor:
             if self.on_alert is not None:
                 self.on_alert(alert)
         return new
+
+    def _limits_of(self, rule: AlertRule, level: int | None) -> tuple[float, float, Bounds]:
+        """``rule``'s bounds for ``level`` at the current feature widths, and the same as two floats
+        (a missing bound as ±inf) for the comparison made at every check."""
+        dim = self._feature_dims.get(level) if level is not None else None
+        bounds = rule.bounds(level=level, num_hierarchies=self.num_hierarchies, dim=dim)
+        low, high = bounds if bounds is not None else (None, None)
+        return (-math.inf if low is None else low, math.inf if high is None else high, bounds)
 
     def _rule(self, tag: str) -> _Rule:
         """What checking ``tag`` takes, parsed once per tag: ``(rule, level)``, ``(None, level)`` for a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -201,3 +202,30 @@ def test_guide_layout_generalizes_to_other_level_counts() -> None:
         "val/prediction/level4_cosine_sim_mean",
         "val/prediction/level4_cosine_sim_std",
     ]
+
+
+def test_the_monitor_fires_exactly_where_each_rule_does() -> None:
+    """AlertMonitor keeps each tag's bounds as two floats for its per-step check; it must fire where
+    the rule's own ``fires`` (the registry's range test) does, for every rule, level and edge value."""
+    from hjepa_metrics.alerts import AlertMonitor
+
+    levels, dim = 3, 384
+    values = [-math.inf, -1.0, 0.0, 1e-4, 0.009, 0.5, 1.0, 5.0, 20.0, 49.0, 51.0, 60.0, 99.0, 1e6, math.inf]
+    values.append(math.nan)
+    checked = 0
+    for tag in registry.tags(levels):
+        match = registry.lookup(tag)
+        assert match is not None
+        rule = match.spec.alert
+        if rule is None:
+            continue
+        bounds = rule.bounds(level=match.level, num_hierarchies=levels, dim=dim) or ()
+        edges = [math.nextafter(b, d) for b in bounds if b is not None for d in (-math.inf, math.inf)]
+        for value in values + [b for b in bounds if b is not None] + edges:
+            monitor = AlertMonitor(num_hierarchies=levels, log_alerts=False)
+            monitor.set_feature_dim(match.level or 0, dim)
+            fired = monitor.check({"train/" + tag: value}, step=1)
+            want = rule.fires(value, level=match.level, num_hierarchies=levels, dim=dim)
+            assert bool(fired) == want, (tag, value)
+            checked += 1
+    assert checked > 100
