@@ -289,3 +289,39 @@ def test_mlflow_in_this_process_releases_its_store_at_close(tmp_path: Path) -> N
             writer.log_scalars({"a": 1.0}, 1)
         state.append((*_process_state(), len(getattr(SqlAlchemyStore, "_engine_map", {}))))
     assert state[-1] == state[1], state  # no descriptor, thread or cached engine left per closed run
+
+
+def test_a_forked_child_cannot_log_to_its_parents_writers(tmp_path: Path) -> None:
+    """The parent's writers refuse to log in a fork (their files belong to the parent), checked once at
+    the fork; a writer the child opens itself works, and the parent's go on."""
+    from writers import BackgroundWriter, JSONLWriter
+
+    background = BackgroundWriter(JSONLWriter(tmp_path / "bg"))
+    direct = JSONLWriter(tmp_path / "direct.jsonl")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        said = []
+        try:
+            for writer in (background, background.inner, direct):
+                try:
+                    writer.log_scalars({"a": 1.0}, 1)  # type: ignore[union-attr]
+                    said.append("logged")
+                except RuntimeError as exc:
+                    said.append("refused" if "a fork of" in str(exc) else str(exc))
+            with JSONLWriter(tmp_path / "child.jsonl") as own:
+                own.log_scalars({"a": 2.0}, 1)
+            said.append("own")
+        finally:
+            os.write(write_end, ",".join(said).encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        assert pipe.read() == "refused,refused,refused,own"
+    background.log_scalars({"a": 3.0}, 2)
+    background.close()
+    direct.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "bg")] == [2]
+    assert [r["metrics"]["a"] for r in read_jsonl(tmp_path / "child.jsonl")] == [2.0]
+    assert read_jsonl(tmp_path / "direct.jsonl") == []

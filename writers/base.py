@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -147,19 +148,32 @@ _LOGGING_METHODS = (
 )
 
 
-def _refused_in_fork(method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def guarded(self: BaseWriter, *args: Any, **kwargs: Any) -> Any:
-        # a writer may call its own methods while it is built, before BaseWriter.__init__ sets _pid
-        if lifecycle.is_foreign(getattr(self, "_pid", lifecycle.pid)):
-            raise RuntimeError(
-                f"{self.name}: {method.__name__} in process {os.getpid()}, a fork of {self._pid} that "
-                "opened this writer (a DataLoader worker?); its files and runs belong to the parent. "
-                "Log from the parent process, or open a writer in the child"
-            )
-        return method(self, *args, **kwargs)
+# Every writer opened in this process (BaseWriter.__init__), for the fork handler below.
+_opened: weakref.WeakSet[BaseWriter] = weakref.WeakSet()
 
-    return guarded
+
+def _refuse_parents_writers() -> None:
+    """In a forked child (a DataLoader worker), make the logging methods of every writer the parent
+    opened raise: their files and runs belong to the parent. Done once at the fork, on the instances,
+    so that a call in the parent pays no check."""
+    global _opened
+    parents, _opened = list(_opened), weakref.WeakSet()
+    for writer in parents:
+        for method in _LOGGING_METHODS:
+            if getattr(type(writer), method, None) is not getattr(BaseWriter, method, None):
+                setattr(writer, method, functools.partial(_refused, writer, method))
+
+
+def _refused(writer: BaseWriter, method: str, *args: Any, **kwargs: Any) -> None:
+    del args, kwargs
+    raise RuntimeError(
+        f"{writer.name}: {method} in process {os.getpid()}, a fork of {writer._pid} that opened this "
+        "writer (a DataLoader worker?); its files and runs belong to the parent. Log from the parent "
+        "process, or open a writer in the child"
+    )
+
+
+os.register_at_fork(after_in_child=_refuse_parents_writers)
 
 
 class BaseWriter:
@@ -191,12 +205,10 @@ class BaseWriter:
         self.flush_interval = DEFAULT_FLUSH_INTERVAL
         self._dirty_since: float | None = None
         lifecycle.track(self, timed_flush=self.timed_flush)
+        _opened.add(self)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for method in _LOGGING_METHODS:
-            if method in cls.__dict__:
-                setattr(cls, method, _refused_in_fork(cls.__dict__[method]))
         init = cls.__dict__.get("__init__")
         if init is not None and "all_ranks" not in inspect.signature(init).parameters:
             cls.__init__ = _accepting_all_ranks(init)  # type: ignore[method-assign]
