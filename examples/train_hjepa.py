@@ -158,11 +158,15 @@ class HJEPATrainer:
                 for kept, level_features in zip(levels, features, strict=True):
                     kept.append(level_features)
         self.model.train()
-        values = val.log(global_step=self.global_step)
+        # at the last trained step, whose weights it evaluates: at global_step (the step about to be
+        # trained) a resumed run's first training record would share the step the file ends with, and
+        # a resume skips what is at or below that
+        step = max(self.global_step - 1, 0)
+        values = val.log(global_step=step)
         for level, kept in enumerate(levels):  # a projector sample and its PCA, labelled by image
             tokens = torch.cat(kept)  # [images, patches, D]
             image = torch.arange(tokens.shape[0])[:, None].expand(tokens.shape[:2])
-            self.logger.log_embedding(tokens, level, self.global_step, "val/", metadata=image, max_rows=500)
+            self.logger.log_embedding(tokens, level, step, "val/", metadata=image, max_rows=500)
         return values
 
     def save(self, path: Path) -> None:

@@ -102,7 +102,8 @@ def to_host(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         elif not isinstance(v, torch.Tensor):
             out[k] = float(v)
         elif v.is_cpu and not PACK_CPU_READS:  # reading CPU memory is no transfer: no stacking
-            out[k] = float(v.item())
+            x = v.item()
+            out[k] = x if type(x) is float else float(x)
         else:
             pending.append(k)
     if not pending:

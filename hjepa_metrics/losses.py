@@ -19,7 +19,7 @@ def loss_inputs(
 ) -> dict[str, torch.Tensor | float]:
     """The checked scalars of ``loss_dict`` that the loss tags are computed from: ``loss``,
     ``loss_h{i}`` for each level and ``loss_unweighted`` when present (floats or 0-d tensors)."""
-    if not isinstance(loss_dict, Mapping):
+    if type(loss_dict) is not dict and not isinstance(loss_dict, Mapping):  # a dict skips the ABC check
         raise TypeError(
             f"loss_dict: got {type(loss_dict).__name__}; expected a mapping of loss names to values"
         )

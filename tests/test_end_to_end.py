@@ -124,17 +124,17 @@ def _demo(tmp_path: Path, *args: str) -> str:
 
 
 def test_each_demo_invocation_is_its_own_run_and_resume_continues_one(tmp_path: Path) -> None:
-    first = _demo(tmp_path, "--steps", "12", "--run-name", "a")
+    first = _demo(tmp_path, "--steps", "10", "--run-name", "a")
     second = _demo(tmp_path, "--steps", "12")  # default name: scenario-time
     runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2 and runs[0] == "a" and runs[1].startswith("healthy-"), runs
-    for name in runs:  # each file holds one run: steps 0..10 once
+    for name, want in zip(runs, ([0, 5], [0, 5, 10]), strict=True):  # each file holds one run, once
         steps = [
             r["step"]
             for r in read_jsonl(tmp_path / name / "metrics.jsonl")
             if "train/loss/total" in r.get("metrics", {})
         ]
-        assert steps == [0, 5, 10], (name, steps)
+        assert steps == want, (name, steps)
     assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == runs
     # the printed commands name this run and where to look
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in first
@@ -148,12 +148,12 @@ def test_each_demo_invocation_is_its_own_run_and_resume_continues_one(tmp_path: 
     )
     assert refused.returncode != 0 and "--resume a" in refused.stderr
     _demo(tmp_path, "--steps", "10", "--resume", "a")
-    steps = [
-        r["step"]
-        for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")
-        if "train/loss/total" in r.get("metrics", {})
-    ]
-    assert steps == [0, 5, 10, 15, 20]
+    records = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    steps = [r["step"] for r in records if "train/loss/total" in r.get("metrics", {})]
+    # step 10, the resumed run's first, is kept: the first run's validation went to its last step, 9
+    assert steps == [0, 5, 10, 15]
+    val = [r["step"] for r in records if "val/collapse/level0_effective_rank" in r.get("metrics", {})]
+    assert val == [9, 19]
     report = subprocess.run(
         [sys.executable, "-m", "hjepa_metrics.cli", "report", str(tmp_path / "a")],
         capture_output=True,
