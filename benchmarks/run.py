@@ -50,16 +50,25 @@ def timed(fn: Callable[[], Any], repeat: int, sample: float = 0.0) -> float:
     A sample is one call, or as many calls as last ``sample`` seconds: a call of a few µs timed
     alone measures the clock, and leaves out the work it hands to a background thread (which runs
     every 50 ms, under the same GIL)."""
-    start = time.perf_counter()
-    fn()
-    calls = max(1, int(sample / max(time.perf_counter() - start, 1e-7)))
-    times = []
-    for _ in range(repeat):
+    return timed_side_by_side([fn], repeat, sample)[0]
+
+
+def timed_side_by_side(fns: list[Callable[[], Any]], repeat: int, sample: float = 0.0) -> list[float]:
+    """:func:`timed` of each of ``fns``, their samples taken in turn: a load that comes and goes on a
+    shared machine then weighs on each the same, rather than on whichever ran during it."""
+    calls = []
+    for fn in fns:
         start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+        fn()
+        calls.append(max(1, int(sample / max(time.perf_counter() - start, 1e-7))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, n, kept in zip(fns, calls, times, strict=True):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            kept.append((time.perf_counter() - start) / n)
+    return [statistics.median(kept) for kept in times]
 
 
 def duration(seconds: float) -> str:
@@ -283,8 +292,14 @@ def bench_calls_against_naive_computation(repeat: int) -> list[Row]:
         for (name, ours_call), (_, naive_call) in zip(
             _guide_calls(s, True), _guide_calls(s, False), strict=True
         ):
-            ours = timed(lambda c=ours_call: c(ours_logger, next(step)), repeat, sample=0.2)
-            base = timed(lambda c=naive_call: (c(naive, next(step)), naive.end_step(0)), repeat, sample=0.2)
+            ours, base = timed_side_by_side(
+                [
+                    lambda c=ours_call: c(ours_logger, next(step)),
+                    lambda c=naive_call: (c(naive, next(step)), naive.end_step(0)),
+                ],
+                repeat,
+                sample=0.2,
+            )
             rows.append(
                 Row(
                     f"{name} vs naive computation",
@@ -295,8 +310,13 @@ def bench_calls_against_naive_computation(repeat: int) -> list[Row]:
                     base / ours >= 0.9,
                 )
             )
-        ours = timed(lambda: _guide_step(ours_logger, s, next(step), True), repeat)
-        base = timed(lambda: _guide_step(naive, s, next(step), False), repeat)
+        ours, base = timed_side_by_side(
+            [
+                lambda: _guide_step(ours_logger, s, next(step), True),
+                lambda: _guide_step(naive, s, next(step), False),
+            ],
+            2 * repeat,
+        )
         ours_logger.close()
         naive.close()
     rows.append(
@@ -320,8 +340,13 @@ def bench_logging_step(repeat: int) -> list[Row]:
         ours_logger = hm.HJEPAMetricsLogger(config={"log_dir": f"{tmp}/ours", "backends": ["tensorboard"]})
         base_logger = GuideStyleLogger(f"{tmp}/base")
         step = iter(range(10**6))
-        ours = timed(lambda: _guide_step(ours_logger, s, next(step), True), repeat)
-        base = timed(lambda: _guide_step(base_logger, s, next(step), False), max(1, repeat // 2))
+        ours, base = timed_side_by_side(
+            [
+                lambda: _guide_step(ours_logger, s, next(step), True),
+                lambda: _guide_step(base_logger, s, next(step), False),
+            ],
+            repeat,
+        )
         ours_logger.close()
         base_logger.close()
         del build_writers
