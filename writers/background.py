@@ -229,8 +229,8 @@ class BackgroundWriter(BaseWriter):
                 self.name,
                 self.dropped,
             )
-        if dirty and self._dirty_since is None:
-            self._dirty_since = time.monotonic()
+        if dirty:
+            self._mark_dirty()
         return True
 
     def _enqueue(self, item: Any, *, wake: bool) -> None:
@@ -270,8 +270,7 @@ class BackgroundWriter(BaseWriter):
 
     def log_scalars(self, metrics: Mapping[str, float], step: int, wall_time: float | None = None) -> None:
         stamped = time.time() if wall_time is None else wall_time
-        if type(step) is not int:
-            step = check_step(step)
+        step = check_step(step)
         if self._encode is None:
             self._put("log_scalars", dict(metrics), step, wall_time=stamped)
         elif data := self._encode(metrics, step, stamped):  # b"": a step the resumed run already has

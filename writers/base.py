@@ -356,6 +356,8 @@ def write_embedding(
 
 def check_step(step: Any) -> int:
     """An int step; floats with an integral value are accepted, anything else is an error."""
+    if type(step) is int:  # every logging call checks its step: the common case first
+        return step
     if isinstance(step, bool):
         raise TypeError(f"step: got bool {step}; expected an int")
     if isinstance(step, int):
