@@ -89,6 +89,10 @@ def test_bad_values_and_steps_are_clear_errors(tmp_path: Path) -> None:
             w.log_scalars({"x": "high"}, 1)  # type: ignore[dict-item]
         with pytest.raises(ValueError, match=r"step: got 1\.5"):
             w.log_scalars({"x": 1.0}, 1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"step: got bool True"):  # an int subclass, still refused
+            w.log_scalars({"x": 1.0}, True)
+        w.log_scalars({"x": 1.0}, 3.0)  # type: ignore[arg-type]  # an integral float is its int
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [3] and type(read_jsonl(tmp_path)[0]["step"]) is int
     with pytest.raises(RuntimeError, match="write after close"):
         w.log_scalars({"x": 1.0}, 2)
 
