@@ -414,7 +414,7 @@ def bench_log_latency(calls: int) -> list[Row]:
             "backends": ["tensorboard", "wandb", "mlflow", "jsonl"],
             "wandb": {"mode": "offline", "project": "bench"},
         }
-        # MLflow's store drains the burst at ~4,000 scalars/s: close() waits for it (by default it would
+        # MLflow's store drains the burst at ~20,000 scalars/s: close() waits for it (by default it would
         # give up after 10 s and leave the writer process writing into a directory removed below)
         writer = build_writers({**cfg, "timeout": 120})
         times = []

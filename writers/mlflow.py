@@ -16,6 +16,7 @@ from typing import Any
 
 from ._files import Outage
 from ._media import embedding_files, histogram, image_png, tag_step_path
+from ._mlflow_store import sql_store_metrics
 from .base import (
     Backend,
     BaseWriter,
@@ -98,7 +99,8 @@ class MLflowWriter(BaseWriter):
     reads it, else ``sqlite:///<logdir>/mlflow.db``; any tracking URI works (a server included), and a
     new experiment in a sqlite store keeps its artifacts in ``mlartifacts`` beside the database.
 
-    Metrics are buffered and sent with ``log_batch`` (≤ 1000 per call) when the buffer is full, on
+    Metrics are buffered and sent in batches (≤ 1000: ``log_batch``'s limit; into a SQL store's tables
+    directly with sqlite, see :mod:`writers._mlflow_store`) when the buffer is full, on
     ``flush()`` and at most ``flush_interval`` seconds after they were logged; a batch that fails (a
     locked database, a server down) stays buffered (up to ``max_pending`` metrics, then the oldest are
     dropped and counted) and is sent again with the next batch or flush; the outage and the recovery
@@ -178,6 +180,7 @@ class MLflowWriter(BaseWriter):
         self.outage = Outage(self.name)
         self._lock = threading.RLock()  # the timed flush sends from its own thread
         self._buffer: list[Any] = []
+        self._direct = sql_store_metrics(self.client, self.run_id)
         self._buffer_size = max(1, min(buffer_size, MAX_METRICS_PER_BATCH))
         self._max_pending = max(self._buffer_size, max_pending)
         super().__init__()
@@ -208,14 +211,31 @@ class MLflowWriter(BaseWriter):
             try:
                 while self._buffer:
                     batch = self._buffer[:MAX_METRICS_PER_BATCH]
-                    self.client.log_batch(self.run_id, metrics=batch)
+                    self._store_batch(batch, str(max(m.step for m in batch)))
                     del self._buffer[: len(batch)]  # only once sent: a failed batch is retried, not lost
-                    self.client.set_tag(self.run_id, LAST_STEP_TAG, str(max(m.step for m in batch)))
             except Exception as exc:
                 self.outage.failed("log_batch", exc)
                 self._mark_dirty()
                 raise
             self.outage.recovered()
+
+    def _store_batch(self, batch: list[Any], last_step: str) -> None:
+        """``batch`` and the run's last-step tag: straight into a sqlite store (see
+        :mod:`writers._mlflow_store`), or through MLflow's client for any other store and to resend
+        what the direct path refused (a batch partly stored before: ``log_batch`` skips those rows)."""
+        refused: Exception | None = None
+        if self._direct is not None:
+            try:
+                self._direct.log(batch, {LAST_STEP_TAG: last_step})
+                return
+            except Exception as exc:  # MLflow's path below raises in turn when the store itself fails
+                refused = exc
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.set_tag(self.run_id, LAST_STEP_TAG, last_step)
+        if refused is not None and not _is_database_error(refused):
+            # MLflow's path works where the direct one does not: its private store API has moved
+            log.warning("mlflow: writing through log_batch from now on (direct path: %r)", refused)
+            self._direct = None
 
     def error_counts(self) -> dict[str, int]:
         return self.outage.counts()
@@ -268,6 +288,23 @@ class MLflowWriter(BaseWriter):
                 _release_store(self.tracking_uri)
 
 
+def _is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: MLflow wraps them) is SQLAlchemy's: the database failing,
+    not the code calling it."""
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:
+        return False
+    seen: BaseException | None = exc
+    for _ in range(16):  # MLflow wraps once or twice; a chain is never this long
+        if seen is None:
+            break
+        if isinstance(seen, SQLAlchemyError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _release_store(tracking_uri: str) -> None:
     """Free what MLflow caches per tracking URI for the life of the process (a SQLAlchemy engine
     with its connections per sqlite file, and the store object), so a sweep of runs in separate
@@ -314,7 +351,8 @@ BACKEND = Backend(
     extra="mlflow",
     requires="mlflow",
     options=dict.fromkeys(("tracking_uri", "experiment_name", "run_name", "run_id", "tags", "log_dir")),
-    writes="`log_batch` (≤ 1000 metrics) across steps from a writer process of its own; keys sanitized with "
+    writes="batches of ≤ 1000 metrics across steps from a writer process of its own (into a sqlite store's "
+    "tables, one transaction each; `log_batch` elsewhere); keys sanitized with "
     "collisions detected; images and histograms as artifacts; batches kept and resent while the server is "
     "down; run KILLED or FAILED when training is killed or dies of an exception",
     writer=MLflowWriter,
