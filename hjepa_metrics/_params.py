@@ -172,8 +172,9 @@ def cpu_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
 
     The CPU foreach kernels for L1 and max are scalar loops (15 and 45 ms for ViT-S's 22 M gradient
     values); here each tensor goes once through ``abs`` into a reused scratch buffer (no allocation)
-    whose vectorized ``sum`` and ``max`` give L1 and max, and a BLAS ``dot`` gives L2²: about 2x
-    faster than the foreach kernels, and faster than the naive per-tensor ``norm`` plus
+    whose vectorized ``sum`` and ``max`` give L1 and max, and a BLAS ``dot`` of the buffer with itself
+    gives L2² (the same products as ``g·g``, read from cache instead of memory: 10 % of the call): about
+    2x faster than the foreach kernels, and faster than the naive per-tensor ``norm`` plus
     ``abs().mean()``."""
     scratch = torch.empty(max(t.numel() for t in tensors), dtype=tensors[0].dtype)
     l1, l2sq, top = [], [], []
@@ -182,7 +183,7 @@ def cpu_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
         magnitude = torch.abs(flat, out=scratch[: flat.numel()])
         l1.append(magnitude.sum())
         top.append(magnitude.max())
-        l2sq.append(torch.dot(flat, flat))
+        l2sq.append(torch.dot(magnitude, magnitude))
     return (
         torch.stack(l1).float(),
         torch.stack(l2sq).sqrt().float(),

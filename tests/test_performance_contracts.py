@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hjepa_metrics._tensor
 import hjepa_metrics.accumulator
@@ -164,15 +166,37 @@ def _ops_on_large_inputs(call: Any, numel: int) -> Counter[str]:
     return Counter({name: n for name, n in found.items() if name not in _VIEWS})
 
 
-def test_gradient_statistics_read_each_gradient_twice_and_copy_nothing() -> None:
+class _Reads(TorchDispatchMode):
+    """Which operations read a tensor whose storage is one of ``watched`` (data pointers)."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.reads: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        inputs = [a for a in pytree.tree_leaves((args, kwargs.get("input"))) if isinstance(a, torch.Tensor)]
+        if any(t.untyped_storage().data_ptr() in self.watched for t in inputs):
+            name = func.overloadpacket.__name__
+            if name not in {"view", "_unsafe_view", "slice", "as_strided", "detach", "reshape", "alias"}:
+                self.reads[name] += 1
+        return func(*args, **kwargs)
+
+
+def test_gradient_statistics_read_each_gradient_once_and_copy_nothing() -> None:
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
     for p in model.parameters():
         p.grad = torch.randn(p.shape)
     logger = HJEPAMetricsLogger(Null())
     ops = _ops_on_large_inputs(lambda: logger.log_gradient_flow(model, global_step=0), 512 * 512)
-    # per weight: |g| into a reused scratch buffer and g·g read the gradient (2 passes); the sum and
-    # the max read the scratch buffer; no copy, no float64 conversion, no temporary of its size
+    # per weight: |g| into a reused scratch buffer; its sum, max and self-dot (L1, max, L2²) read that
+    # buffer from cache; no copy, no float64 conversion, no temporary of its size
     assert ops == Counter({"aten::abs": 4, "aten::sum": 4, "aten::max": 4, "aten::dot": 4})
+    weights = {m.weight.grad.untyped_storage().data_ptr() for m in model}  # type: ignore[union-attr]
+    with _Reads(weights) as mode:
+        logger.log_gradient_flow(model, global_step=1)
+    assert mode.reads == Counter({"abs": 4})  # one pass over each gradient in memory
 
 
 @pytest.mark.parametrize("call", ["prediction", "hierarchy", "collapse"])
