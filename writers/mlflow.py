@@ -1,4 +1,4 @@
-"""MLflow through an explicit ``MlflowClient``: batched ``log_batch``, sanitized keys, run status on exit."""
+"""MLflow through an explicit ``MlflowClient``: batched metrics, sanitized keys, run status on exit."""
 
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ class MLflowWriter(BaseWriter):
     reads it, else ``sqlite:///<logdir>/mlflow.db``; any tracking URI works (a server included), and a
     new experiment in a sqlite store keeps its artifacts in ``mlartifacts`` beside the database.
 
-    Metrics are buffered and sent in batches (≤ 1000: ``log_batch``'s limit; into a SQL store's tables
-    directly with sqlite, see :mod:`writers._mlflow_store`) when the buffer is full, on
+    Metrics are buffered and sent in batches (≤ 1000: ``log_batch``'s limit; straight into the tables
+    of a sqlite store, see :mod:`writers._mlflow_store`) when the buffer is full, on
     ``flush()`` and at most ``flush_interval`` seconds after they were logged; a batch that fails (a
     locked database, a server down) stays buffered (up to ``max_pending`` metrics, then the oldest are
     dropped and counted) and is sent again with the next batch or flush; the outage and the recovery
