@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -275,6 +276,28 @@ def default_config(
     }
 
 
+# What a run is made with; --resume keeps them unless they are given again (a resumed collapse run
+# that silently trained the healthy model, or dropped its MLflow run, would not be the same run).
+SETTINGS = "demo_settings.json"
+DEFAULTS = {"scenario": "healthy", "backends": "jsonl,tensorboard", "config": None}
+
+
+def _settle(args: argparse.Namespace, run_dir: Path, resume: bool) -> None:
+    """Fill the options not given: a resumed run's own (from its settings file), else the defaults;
+    then record them in the run's directory for the next ``--resume``."""
+    stored: dict[str, Any] = {}
+    if resume and (run_dir / SETTINGS).exists():
+        stored = json.loads((run_dir / SETTINGS).read_text(encoding="utf-8"))
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, stored.get(name, default))
+    if args.config is not None:
+        args.config = str(Path(args.config).resolve())  # found again from another directory
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {name: getattr(args, name) for name in DEFAULTS}
+    (run_dir / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
 def _run_name(log_dir: Path, args: argparse.Namespace) -> str:
     """A new run's name (``<scenario>-<time>``), or the one ``--resume`` continues (default: the latest)."""
     if args.resume is None:
@@ -302,8 +325,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     parser.add_argument(
         "--scenario",
         choices=sorted(SCENARIOS),
-        default="healthy",
-        help="; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()),
+        help="; ".join(f"{k}: {v}" for k, v in SCENARIOS.items())
+        + " (default healthy; a resumed run keeps its own)",
     )
     parser.add_argument("--log-dir", default="runs/hjepa_demo", help="where every demo run goes")
     parser.add_argument("--run-name", help="this run's directory under --log-dir (default: scenario-time)")
@@ -311,11 +334,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         "--resume",
         nargs="?",
         const="",
-        help="continue a run (its name, default the latest) for --steps more steps, in the same runs",
+        help="continue a run (its name, default the latest) for --steps more steps, in the same runs, "
+        "with its scenario, backends and config unless given again",
     )
     parser.add_argument(
         "--backends",
-        default="jsonl,tensorboard",
         help="comma-separated: jsonl, tensorboard, wandb, mlflow (default jsonl,tensorboard)",
     )
     parser.add_argument(
@@ -324,9 +347,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = parser.parse_args(argv)
     log_dir = Path(args.log_dir)
-    run_name = _run_name(log_dir, args)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     resume = args.resume is not None
+    if not resume:
+        args.scenario = args.scenario or DEFAULTS["scenario"]
+    run_name = _run_name(log_dir, args)
+    _settle(args, log_dir / run_name, resume)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     config = default_config(args.steps, str(log_dir), backends, args.scenario, run_name, resume)
     logging_config: Mapping[str, Any] | str = args.config or config["logging"]
     checkpoint = log_dir / run_name / CHECKPOINT

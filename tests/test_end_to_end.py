@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -162,6 +163,30 @@ def test_each_demo_invocation_is_its_own_run_and_resume_continues_one(tmp_path: 
     )
     assert report.returncode == 0, report.stderr
     assert "several runs" not in report.stdout
+
+
+def test_the_printed_resume_command_keeps_the_runs_scenario_and_backends(tmp_path: Path) -> None:
+    first = _demo(tmp_path, "--steps", "6", "--scenario", "collapse", "--backends", "jsonl", "--run-name=c")
+    printed = f"hjepa-metrics demo --resume c --log-dir {tmp_path}"
+    assert printed in first
+    resumed = _demo(tmp_path, "--resume", "c", "--steps", "4")  # the printed command, nothing added
+    assert printed in resumed
+    assert "TensorBoard" not in resumed and not (tmp_path / "tensorboard").exists()  # still JSONL only
+    models = [
+        r["config"]["model"]
+        for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")
+        if "model" in r.get("config", {})
+    ]
+    # both invocations trained the collapse model (targets from the online encoder)
+    assert [m["stop_gradient"] for m in models] == [False, False]
+    # what is given again wins, and is kept for the next resume
+    _demo(tmp_path, "--resume", "c", "--steps", "2", "--backends", "jsonl,tensorboard")
+    assert (tmp_path / "tensorboard" / "c").is_dir()
+    assert json.loads((tmp_path / "c" / "demo_settings.json").read_text(encoding="utf-8")) == {
+        "scenario": "collapse",
+        "backends": "jsonl,tensorboard",
+        "config": None,
+    }
 
 
 def test_collapse_scenario_is_caught_live_and_by_the_report(tmp_path: Path) -> None:
