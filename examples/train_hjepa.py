@@ -301,7 +301,8 @@ def _settle(args: argparse.Namespace, run_dir: Path, resume: bool) -> None:
 def _run_name(log_dir: Path, args: argparse.Namespace) -> str:
     """A new run's name (``<scenario>-<time>``), or the one ``--resume`` continues (default: the latest)."""
     if args.resume is None:
-        name = args.run_name or f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+        scenario = args.scenario or DEFAULTS["scenario"]
+        name = args.run_name or f"{scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (log_dir / name).exists():
             raise SystemExit(
                 f"{log_dir / name} exists: pass --resume {name} to continue it, or another --run-name"
@@ -348,8 +349,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
     args = parser.parse_args(argv)
     log_dir = Path(args.log_dir)
     resume = args.resume is not None
-    if not resume:
-        args.scenario = args.scenario or DEFAULTS["scenario"]
     run_name = _run_name(log_dir, args)
     _settle(args, log_dir / run_name, resume)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -176,7 +176,7 @@ class _Reads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        inputs = [a for a in pytree.tree_leaves((args, kwargs.get("input"))) if isinstance(a, torch.Tensor)]
+        inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if any(t.untyped_storage().data_ptr() in self.watched for t in inputs):
             name = func.overloadpacket.__name__
             if name not in {"view", "_unsafe_view", "slice", "as_strided", "detach", "reshape", "alias"}:

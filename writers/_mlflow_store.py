@@ -73,7 +73,7 @@ class SqlStoreMetrics:
             }
             rows.append(row)
             best = latest.get(metric.key)
-            if best is None or _newer(row, best):
+            if best is None or _recency(row) > _recency(best):
                 latest[metric.key] = row
         with self._session() as session:
             run = self._store._get_run(run_uuid=run_id, session=session)
@@ -98,17 +98,14 @@ class SqlStoreMetrics:
             old = stored.get(key)
             if old is None:
                 session.add(table(**row))
-            elif _newer(row, {"step": old.step, "timestamp": old.timestamp, "value": old.value}):
-                old.value, old.step, old.timestamp, old.is_nan = (
-                    row["value"],
-                    row["step"],
-                    row["timestamp"],
-                    row["is_nan"],
-                )
+            elif _recency(row) > (old.step, old.timestamp, old.value):
+                for column in ("value", "step", "timestamp", "is_nan"):
+                    setattr(old, column, row[column])
 
 
-def _newer(row: dict[str, Any], than: dict[str, Any]) -> bool:
-    return (row["step"], row["timestamp"], row["value"]) > (than["step"], than["timestamp"], than["value"])
+def _recency(row: dict[str, Any]) -> tuple[int, int, float]:
+    """What MLflow orders a key's values by to keep the latest: step, then timestamp, then value."""
+    return row["step"], row["timestamp"], row["value"]
 
 
 def sql_store_metrics(client: Any, run_id: str) -> SqlStoreMetrics | None:
