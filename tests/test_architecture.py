@@ -61,6 +61,9 @@ def test_each_builtin_backend_is_reachable_from_its_declaration(
         "log_dir": str(tmp_path),
         "backends": [name],
         "background": False,
+        # a writer process reports where its run is once started: wait for it however loaded the
+        # machine is (MLflow's first start creates its schema: past the default 10 s under load, seen)
+        "timeout": 120,
         name: _section(name),
     }
     writer = build_writers(config)
