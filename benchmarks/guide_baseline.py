@@ -152,3 +152,15 @@ class NaiveComputation(GuideStyleLogger):
 
     def close(self) -> None:
         self.file.close()
+
+
+class NaiveDistributed(NaiveComputation):
+    """:class:`NaiveComputation` under ``torch.distributed``, as hand-written DDP logging does it: each
+    scalar averaged over the ranks with an ``all_reduce`` of its own before its ``.item()``."""
+
+    def _scalar(self, tag: str, value: Any, step: int) -> None:
+        import torch.distributed as dist
+
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t)
+        self.row[tag] = t.item() / dist.get_world_size()

@@ -9,6 +9,7 @@ Prints: case, ours, baseline, ratio, target, pass/fail. Exits 1 if a target is m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from guide_baseline import GuideStyleLogger, NaiveComputation
 
 import hjepa_metrics as hm
+from hjepa_metrics.alerts import AlertMonitor
 
 
 @dataclass
@@ -362,6 +365,211 @@ def bench_logging_step(repeat: int) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- run length
+
+
+def _every_logged_step(logger: Any, k: int, mask: torch.Tensor, optimizer: Any) -> None:
+    """The guide's calls whose state lives across steps (losses, masking, clipping counts, learning rate,
+    the logger's own loss history, timing) at logged step ``k`` (global step ``100·k``)."""
+    step = 100 * k
+    loss = 1.0 / (1.0 + 0.01 * k) + 0.01 * math.sin(k)
+    losses = {"loss": loss, "loss_h0": 0.6 * loss, "loss_h1": 0.3 * loss, "loss_h2": 0.1 * loss}
+    logger.log_hierarchical_losses(losses, global_step=step)
+    logger.log_masking_statistics(mask=mask, num_patches=196, global_step=step)
+    before = 0.5 + (k % 7) / 4
+    logger.log_gradient_clipping(
+        global_norm_before=before, global_norm_after=min(before, 1.0), clip_threshold=1.0, global_step=step
+    )
+    logger.log_learning_rate(optimizer, global_step=step)
+    logger.log_training_stability(current_loss=loss, global_step=step)
+    logger.log_performance_metrics(batch_size=32, forward_time=0.1, backward_time=0.2, global_step=step)
+
+
+def bench_cost_along_the_run(windows: int) -> list[Row]:
+    """Cost per logged step near step 1,000 and at step 1,000,000 of one run that logs every 100 steps
+    (the guide's ``log_frequency``: 10,000 logged steps, each one written): the median of ``windows``
+    windows of 100 logged steps, each timed up to the ``flush()`` that writes it, so the writer's work
+    counts. The logger keeps its own loss history and alert state, as a user's run does."""
+    mask = torch.rand(32, 196, generator=torch.Generator().manual_seed(0)) < 0.6
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    rows = []
+    for backend in ("jsonl", "tensorboard"):
+        with tempfile.TemporaryDirectory() as tmp:
+            logger = hm.HJEPAMetricsLogger(
+                config={"log_dir": tmp, "backends": [backend]},
+                alerts=AlertMonitor(num_hierarchies=3, log_alerts=False),
+            )
+
+            def log_steps(first: int, last: int, logger: Any = logger) -> None:
+                for k in range(first, last):
+                    _every_logged_step(logger, k, mask, optimizer)
+
+            def window_costs(first: int, logger: Any = logger) -> list[float]:
+                costs = []
+                for start in range(first, first + 100 * windows, 100):
+                    logger.flush()
+                    began = time.perf_counter()
+                    log_steps(start, start + 100)
+                    logger.flush()
+                    costs.append((time.perf_counter() - began) / 100)
+                return costs
+
+            late = 10_001 - 100 * windows  # the last window ends at logged step 10,000: step 1,000,000
+            log_steps(0, 10)
+            early_costs = window_costs(10)
+            log_steps(10 + 100 * windows, late)
+            late_costs = window_costs(late)
+            logger.close()
+        early, at_end = statistics.median(early_costs), statistics.median(late_costs)
+        rows.append(
+            Row(
+                f"{backend}: cost per logged step at step 1,000,000 vs 1,000 (logging every 100)",
+                duration(at_end),
+                f"{duration(early)} (at step 1,000)",
+                early / at_end,
+                ">= 0.9x (the same cost)",
+                early / at_end >= 0.9,
+            )
+        )
+    return rows
+
+
+def _write_long_run(directory: Path, steps: int) -> tuple[Path, Path]:
+    """A JSONL file and a TensorBoard run of ``steps`` steps of 20 scalars, as a long run leaves them."""
+    from writers import TensorBoardWriter
+
+    directory.mkdir()
+    path = directory / "metrics.jsonl"
+    metrics = {f"train/m{i:02d}": 0.125 + i for i in range(20)}
+    with open(path, "w", encoding="utf-8") as f:
+        for step in range(steps):
+            f.write(json.dumps({"step": step, "wall_time": 1.7e9 + step, "metrics": metrics}) + "\n")
+    with TensorBoardWriter(directory / "tb") as tb:
+        for step in range(steps):
+            tb.log_scalars(metrics, step)
+    return path, directory / "tb"
+
+
+def _resume(jsonl: Path, board: Path) -> int:
+    from writers import JSONLWriter, TensorBoardWriter
+
+    a, b = JSONLWriter(jsonl, resume=True), TensorBoardWriter(board, resume=True)
+    last = (a.gate.last_step, b.gate.last_step)
+    a.close()
+    b.close()
+    assert last[0] == last[1] is not None
+    return last[0]
+
+
+def _peak_bytes(fn: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _scan_jsonl(path: Path) -> int:
+    """The naive resume: parse every line for the last step."""
+    last = -1
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            last = max(last, json.loads(line)["step"])
+    return last
+
+
+def _scan_events(logdir: Path) -> int:
+    """The naive resume: decode every event of the run's files (with the resume's own record reader
+    over the whole file; TensorBoard's loader, pure Python without TensorFlow, takes ~1 ms an event)."""
+    from writers.tensorboard import _protos, tail_records
+
+    event = _protos().event_pb2.Event
+    return max(
+        parsed.step
+        for path in logdir.glob("events.out.tfevents.*")
+        for body in tail_records(path, path.stat().st_size)
+        if (parsed := event.FromString(body)).HasField("summary")
+    )
+
+
+def bench_resume(repeat: int) -> list[Row]:
+    """Resume of a 200,000-step run (JSONL and TensorBoard, 20 scalars a step): time, against reading
+    every record, and peak Python memory, against the same resume of a 20,000-step run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        short_run = _write_long_run(Path(tmp, "short"), 20_000)
+        long_run = _write_long_run(Path(tmp, "long"), 200_000)
+        assert _resume(*long_run) == _scan_jsonl(long_run[0]) == _scan_events(long_run[1]) == 199_999
+        ours, jsonl_scan, events_scan = timed_side_by_side(
+            [lambda: _resume(*long_run), lambda: _scan_jsonl(long_run[0]), lambda: _scan_events(long_run[1])],
+            max(1, repeat // 3),
+        )
+        long_peak, short_peak = (_peak_bytes(lambda run=run: _resume(*run)) for run in (long_run, short_run))
+        size = sum(p.stat().st_size for p in (long_run[0], *long_run[1].iterdir())) / 2**20
+    mib = 2**20
+    return [
+        Row(
+            f"resume a 200k-step run, JSONL + TensorBoard ({size:.0f} MB): time",
+            duration(ours),
+            f"{duration(jsonl_scan)} + {duration(events_scan)} (read every record)",
+            (jsonl_scan + events_scan) / ours,
+            "< 1 s",
+            ours < 1.0,
+        ),
+        Row(
+            "resume a 200k-step run: peak memory",
+            f"{long_peak / mib:.2f} MiB",
+            f"{short_peak / mib:.2f} MiB (20k steps)",
+            short_peak / long_peak,
+            "< 4 MiB, independent of length",
+            long_peak < 4 * mib and abs(long_peak - short_peak) < mib,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def bench_distributed(repeat: int) -> list[Row]:
+    """The guide's ten calls on 2 gloo ranks under ``torchrun`` (``benchmarks/distributed_probe.py``):
+    collectives per call and the step's time, against an ``all_reduce`` per scalar."""
+    if not torch.distributed.is_available():
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "result.json")
+        probe = Path(__file__).resolve().parent / "distributed_probe.py"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        subprocess.run(
+            [*command, str(probe), str(out), str(repeat)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=600,
+        )
+        result = json.loads(out.read_text(encoding="utf-8"))
+    counts = result["per_call"].values()
+    ours_most, naive_most = max(c[0] for c in counts), max(c[1] for c in counts)
+    ours_total, naive_total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return [
+        Row(
+            "collectives per guide call, 2 gloo ranks (most in one call; all ten)",
+            f"{ours_most} ({ours_total} per step)",
+            f"{naive_most} ({naive_total} per step, all_reduce per scalar)",
+            naive_total / ours_total,
+            "<= 1 per call",
+            ours_most <= 1,
+        ),
+        Row(
+            "ten-call step on 2 gloo ranks (1 thread each) vs all_reduce per scalar",
+            f"{result['ours'] * 1e3:.1f} ms",
+            f"{result['naive'] * 1e3:.1f} ms",
+            result["naive"] / result["ours"],
+            ">= 1.8x",
+            result["naive"] / result["ours"] >= 1.8,
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- writers
 
 
@@ -540,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         "collapse_memory": lambda: bench_collapse_memory_and_floor(repeat),
         "calls_vs_naive_computation": lambda: bench_calls_against_naive_computation(repeat),
         "logging_step": lambda: bench_logging_step(repeat),
+        "cost_along_the_run": lambda: bench_cost_along_the_run(3 if args.quick else 5),
+        "resume": lambda: bench_resume(repeat),
+        "distributed": lambda: bench_distributed(repeat),
         "log_latency": lambda: bench_log_latency(300 if args.quick else 1000),
         "training_thread_cost": lambda: bench_training_thread_cost(300 if args.quick else 1000),
         "writer_throughput": lambda: bench_writer_throughput(300 if args.quick else 1000),

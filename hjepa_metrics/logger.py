@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,9 +130,9 @@ class HJEPAMetricsLogger(MetricRouter):
             self.writer.log_config({CONFIG_KEY: {"alerts": self.monitor.settings()}})
 
     @property
-    def loss_history(self) -> deque[float]:
-        """The logger's own bounded loss history (oldest first)."""
-        return self.losses.values
+    def loss_history(self) -> tuple[float, ...]:
+        """The logger's own bounded loss history (oldest first), a snapshot."""
+        return tuple(self.losses.values)
 
     def collapse_accumulator(self, level: int) -> CollapseAccumulator:
         """An empty collapse accumulator with this logger's options. Each rank samples with its own

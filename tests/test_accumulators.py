@@ -3,6 +3,7 @@ and all of them follow the one protocol that ``reduce_accumulators`` packs into 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +120,44 @@ def test_reduce_is_a_no_op_on_one_process() -> None:
     acc.update(torch.ones(2, 4, dtype=torch.bool))
     reduce_accumulators([acc, ClippingAccumulator()], (0, 1))
     assert to_host(acc.compute())["masking/mask_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("maxlen", [1, 7, 60, None])
+def test_loss_history_window_against_numpy_brute_force(maxlen: int | None) -> None:
+    """Single losses and bulk updates (a caller's history, rebuilt in one pass), with NaN and ±inf, a
+    window that slides past its extremes, repeats and zeros: after every update the statistics equal
+    numpy's over the last ``maxlen`` losses."""
+    rng = np.random.default_rng(3)
+    acc = LossHistory(maxlen=maxlen)
+    seen: list[float] = []
+    special = [math.nan, math.inf, -math.inf, 0.0, 1.5, 1.5]
+    for update in range(400):
+        if update == 100:  # a bulk update with nothing finite
+            losses = [math.nan] * 40
+            acc.update(losses)
+        elif update % 50 == 25:  # a bulk update, past the rebuild size
+            losses = list(rng.normal(1.0, 0.3, 200 + update))
+            losses[::17] = [special[i % len(special)] for i in range(len(losses[::17]))]
+            acc.update(np.array(losses))
+        else:
+            losses = [special[update % len(special)] if update % 5 == 0 else float(rng.normal(1.0, 0.3))]
+            acc.update(losses[0])
+        seen += losses
+        window = np.array(seen[-maxlen:] if maxlen else seen)
+        finite = window[np.isfinite(window)]
+        got = to_host(acc.compute())
+        assert got["stability/nonfinite_count"] == window.size - finite.size
+        if finite.size < 2:
+            assert set(got) == {"stability/nonfinite_count"}
+            continue
+        assert got["stability/loss_smoothness"] == pytest.approx(np.std(finite[-50:]), rel=1e-12, abs=1e-15)
+        recent = finite[-20:]
+        if recent.size >= 5:
+            slope = np.polyfit(np.arange(recent.size), recent, 1)[0]
+            assert got["stability/loss_trend_slope"] == pytest.approx(slope, rel=1e-9, abs=1e-12)
+        else:
+            assert "stability/loss_trend_slope" not in got
+        if finite.min() > 0:
+            assert got["stability/loss_spike_ratio"] == finite.max() / finite.min()
+        else:
+            assert "stability/loss_spike_ratio" not in got

@@ -254,6 +254,30 @@ def test_import_loads_no_backend() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_stability_reads_only_the_end_of_a_full_loss_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logger's own history stays at its bound, and computing stability from it looks at the last 50
+    losses (the smoothness window) only: its extremes are kept as losses come. A call costs the same at
+    step 1,000,000 as at step 1,000."""
+    logger = HJEPAMetricsLogger(config={"backends": []})
+    losses = [2.0 + math.sin(step) for step in range(3000)]
+    for loss in losses:
+        logger.log_training_stability(current_loss=loss, global_step=len(losses))
+    assert len(logger.loss_history) == 1000
+    looked_at = Counter[str]()
+    isfinite = math.isfinite
+
+    def counted(value: float) -> bool:
+        looked_at["losses"] += 1
+        return isfinite(value)
+
+    monkeypatch.setattr(math, "isfinite", counted)
+    got = logger.losses.compute()
+    monkeypatch.undo()
+    assert looked_at["losses"] == 50  # the smoothness window
+    assert got["stability/loss_spike_ratio"] == max(losses[-1000:]) / min(losses[-1000:])
+    logger.close()
+
+
 def test_resume_reads_only_the_tail_of_a_200k_step_run(tmp_path: Any) -> None:
     import json
     import tracemalloc

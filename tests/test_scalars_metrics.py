@@ -155,6 +155,7 @@ def test_stability_skips_and_counts_non_finite() -> None:
     assert got["stability/loss_smoothness"] == pytest.approx(np.std([1.0, 3.0, 2.0]))
     assert "stability/loss_trend_slope" not in got  # needs 5 finite values
     assert training_stability([1.0]) == {"stability/nonfinite_count": 0.0}
+    assert training_stability([math.nan] * 40) == {"stability/nonfinite_count": 40.0}  # one bulk update
     assert "stability/loss_spike_ratio" not in training_stability([-1.0, 1.0])
 
 
