@@ -52,9 +52,9 @@ class AlertMonitor:
     but not reported, and each report of such an oscillating tag doubles its interval (a value
     oscillating around a threshold for a million steps gives about 14 reports, not thousands). A tag
     that stayed in range for ``repeat_interval`` steps is a new event: reported at once, interval
-    reset. ``repeat_interval=0`` reports every crossing. A report goes to ``logging`` (warning), to
-    ``on_alert`` and to :attr:`fired`, which keeps the last ``max_kept``; :attr:`crossings` counts
-    every crossing per tag. Nothing is checked before ``warmup_steps`` (an untrained model predicts
+    reset. ``repeat_interval=0`` reports every crossing. A report goes to ``logging`` (warning; rank 0
+    only under ``torch.distributed``), to ``on_alert`` and to :attr:`fired`, which keeps the last
+    ``max_kept``; :attr:`crossings` counts every crossing per tag. Nothing is checked before ``warmup_steps`` (an untrained model predicts
     poorly and clips often at first); a value still out of range then is reported at that step.
     """
 
@@ -102,8 +102,10 @@ class AlertMonitor:
             self._feature_dims[level] = int(dim)
             self._limits.clear()
 
-    def check(self, metrics: Mapping[str, float], step: int) -> list[Alert]:
-        """New reports among ``metrics`` (full tags, prefixes allowed)."""
+    def check(self, metrics: Mapping[str, float], step: int, *, announce: bool = True) -> list[Alert]:
+        """New reports among ``metrics`` (full tags, prefixes allowed). ``announce=False`` keeps them
+        out of ``logging`` (every other rank of a distributed run: rank 0 prints them once), still in
+        :attr:`fired` and passed to ``on_alert``."""
         ruled = []
         rules = self._rules
         for tag, value in metrics.items():
@@ -134,12 +136,12 @@ class AlertMonitor:
                     if alert is not None:
                         new.append(alert)
             elif tag in active and inside(value, bounds):
-                if self.log_alerts:
+                if self.log_alerts and announce:
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
                 active.discard(tag)
                 self._recovered_at[tag] = step
         for alert in new:
-            if self.log_alerts:
+            if self.log_alerts and announce:
                 log.warning("alert: %s", alert)
             self.fired.append(alert)
             if self.on_alert is not None:

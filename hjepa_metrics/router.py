@@ -77,7 +77,7 @@ class MetricRouter:
         if full:
             self.writer.log_scalars(full, step)
             if self.monitor is not None:
-                self.monitor.check(full, step)
+                self.monitor.check(full, step, announce=self.rank == 0)
         return full
 
     def log_accumulated(

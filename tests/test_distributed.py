@@ -87,3 +87,38 @@ def test_two_ranks_reduce_to_the_single_process_result(tmp_path: Path) -> None:
         "collapse/level0_max_similarity"
     ]
     assert logged["train/collapse/level0_max_similarity"] <= exact_max + 1e-12
+
+
+def _alert_worker(rank: int, port: int, log_dir: str) -> None:
+    import json
+    import logging
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    printed: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hjepa_metrics.alerts").addHandler(handler)
+    try:
+        called: list[str] = []
+        config = {"log_dir": f"{log_dir}/rank{rank}", "backends": ["jsonl"]}
+        with hm.HJEPAMetricsLogger(config=config, on_alert=lambda a: called.append(a.tag)) as logger:
+            logger.log_gradient_clipping(5.0, 1.0, clip_threshold=1.0, global_step=1)  # 100 % clipped
+            fired = [a.tag for a in logger.alerts]
+        with open(f"{log_dir}/alerts{rank}.json", "w", encoding="utf-8") as f:
+            json.dump({"printed": printed, "called": called, "fired": fired}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_an_alert_is_printed_once_and_reaches_every_ranks_callback(tmp_path: Path) -> None:
+    import json
+
+    mp.spawn(_alert_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    seen = [json.loads((tmp_path / f"alerts{r}.json").read_text(encoding="utf-8")) for r in range(WORLD)]
+    tag = "train/gradient/clipping_percentage"
+    for rank in range(WORLD):  # every rank stops alike if the callback stops training
+        assert seen[rank]["called"] == seen[rank]["fired"] == [tag]
+    (printed,) = seen[0]["printed"]
+    assert printed.startswith(f"alert: {tag} = 100 at step 1")
+    assert seen[1]["printed"] == []
