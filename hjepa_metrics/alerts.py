@@ -54,8 +54,9 @@ class AlertMonitor:
     that stayed in range for ``repeat_interval`` steps is a new event: reported at once, interval
     reset. ``repeat_interval=0`` reports every crossing. A report goes to ``logging`` (warning; rank 0
     only under ``torch.distributed``), to ``on_alert`` and to :attr:`fired`, which keeps the last
-    ``max_kept``; :attr:`crossings` counts every crossing per tag. Nothing is checked before ``warmup_steps`` (an untrained model predicts
-    poorly and clips often at first); a value still out of range then is reported at that step.
+    ``max_kept``; :attr:`crossings` counts every crossing per tag. Nothing is checked before
+    ``warmup_steps`` (an untrained model predicts poorly and clips often at first); a value still out
+    of range then is reported at that step.
     """
 
     def __init__(

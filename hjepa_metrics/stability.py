@@ -100,7 +100,6 @@ class LossHistory(RankLocal):
 
     def _push(self, loss: float) -> None:
         values, high, low, maxlen = self.values, self._high, self._low, self.values.maxlen
-        bounded = maxlen is not None
         if len(values) == maxlen and not math.isfinite(values[0]):
             self._nonfinite -= 1  # leaves the window below
         values.append(loss)
@@ -120,9 +119,9 @@ class LossHistory(RankLocal):
         while low and low[-1][1] >= loss:
             low.pop()
         # in an unbounded window nothing leaves: a loss that is not the new extreme can never become it
-        if bounded or not high:
+        if maxlen is not None or not high:
             high.append((index, loss))
-        if bounded or not low:
+        if maxlen is not None or not low:
             low.append((index, loss))
 
     def compute(self) -> RawValues:
