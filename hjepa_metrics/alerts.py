@@ -103,10 +103,13 @@ class AlertMonitor:
             self._feature_dims[level] = int(dim)
             self._limits.clear()
 
-    def check(self, metrics: Mapping[str, float], step: int, *, announce: bool = True) -> list[Alert]:
-        """New reports among ``metrics`` (full tags, prefixes allowed). ``announce=False`` keeps them
-        out of ``logging`` (every other rank of a distributed run: rank 0 prints them once), still in
-        :attr:`fired` and passed to ``on_alert``."""
+    def check(
+        self, metrics: Mapping[str, float], step: int, *, announce: Callable[[], bool] | None = None
+    ) -> list[Alert]:
+        """New reports among ``metrics`` (full tags, prefixes allowed). Where ``announce()`` is false
+        (asked only when there is something to log) they stay out of ``logging`` (every rank of a
+        distributed run but rank 0, which prints them once), still in :attr:`fired` and passed to
+        ``on_alert``."""
         ruled = []
         rules = self._rules
         for tag, value in metrics.items():
@@ -137,12 +140,13 @@ class AlertMonitor:
                     if alert is not None:
                         new.append(alert)
             elif tag in active and inside(value, bounds):
-                if self.log_alerts and announce:
+                if self.log_alerts and (announce is None or announce()):
                     log.info("%s back in range at step %d (%.6g)", tag, step, value)
                 active.discard(tag)
                 self._recovered_at[tag] = step
+        printed = self.log_alerts and bool(new) and (announce is None or announce())
         for alert in new:
-            if self.log_alerts and announce:
+            if printed:
                 log.warning("alert: %s", alert)
             self.fired.append(alert)
             if self.on_alert is not None:

@@ -57,6 +57,9 @@ class MetricRouter:
     def rank(self) -> int:
         return self.world[0]
 
+    def _on_rank_zero(self) -> bool:
+        return self.rank == 0
+
     @property
     def world(self) -> tuple[int, int]:
         """``(rank, world_size)``, read when asked; ``(0, 1)`` with ``distributed=False``."""
@@ -77,7 +80,7 @@ class MetricRouter:
         if full:
             self.writer.log_scalars(full, step)
             if self.monitor is not None:
-                self.monitor.check(full, step, announce=self.rank == 0)
+                self.monitor.check(full, step, announce=self._on_rank_zero)
         return full
 
     def log_accumulated(
