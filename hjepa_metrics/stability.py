@@ -136,11 +136,11 @@ class LossHistory(RankLocal):
         recent = tail[-TREND_WINDOW:]
         k = len(recent)
         if k >= TREND_MIN_POINTS:
-            mean = math.fsum(recent) / k
+            recent_mean = math.fsum(recent) / k
             middle = (k - 1) / 2
             # Σ(i − middle)² over i = 0..k−1 is k(k² − 1)/12
             out["stability/loss_trend_slope"] = math.fsum(
-                (i - middle) * (v - mean) for i, v in enumerate(recent)
+                (i - middle) * (v - recent_mean) for i, v in enumerate(recent)
             ) / (k * (k * k - 1) / 12)
         low = self._low[0][1]
         if low > 0:
